@@ -1,0 +1,99 @@
+"""What every stage CLI shares: ``--params``, validated config, one MLflow run, a summary, clean errors.
+
+A stage script is ``run_stage(name, __doc__, body, add_args)`` where ``body(ctx)`` does the work and
+records what it wrote with ``ctx.wrote(path)``. User errors (bad params, missing or corrupt inputs, a
+non-finite loss) end with one line on stderr and exit status 2; nothing is written before validation.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from deme.config import Config, ConfigError, load_config
+
+
+class StageError(RuntimeError):
+    """A user-facing failure with a one-line explanation."""
+
+
+@dataclass
+class StageContext:
+    cfg: Config
+    args: argparse.Namespace
+    run: Any  # deme.tracking.Run
+    outputs: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def wrote(self, path: str | Path, note: str = "") -> None:
+        self.outputs.append(str(path) + (f"  ({note})" if note else ""))
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+        print(text)
+
+    @property
+    def device(self):
+        from deme.train import resolve_device
+
+        return resolve_device(self.cfg.runtime.device)
+
+
+def _size(path: str) -> str:
+    p = Path(path.split("  (")[0])
+    if not p.exists():
+        return ""
+    n = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def run_stage(name: str, doc: str | None, body: Callable[[StageContext], None], *,
+              add_args: Callable[[argparse.ArgumentParser], None] | None = None,
+              item: Callable[[argparse.Namespace], str | None] = lambda a: None,
+              params: Callable[[Config, argparse.Namespace], dict] | None = None,
+              tags: Callable[[Config, argparse.Namespace], dict] | None = None,
+              argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog=f"stages/{name}.py", description=doc,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+    if add_args:
+        add_args(ap)
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.params)
+    except ConfigError as e:
+        print(f"error: {args.params}: {e}", file=sys.stderr)
+        return 2
+
+    import torch
+
+    from deme.models import CheckpointError
+    from deme.tracking import stage_run
+    from deme.train import NonFiniteLossError, set_threads
+
+    set_threads(cfg.runtime.num_threads)
+    torch.manual_seed(cfg.seed)
+    it = item(args)
+    label = f"{name}@{it}" if it else name
+    t0 = time.perf_counter()
+    try:
+        with stage_run(name, cfg.profile, item=it, params=params(cfg, args) if params else None,
+                       tags=tags(cfg, args) if tags else None) as run:
+            ctx = StageContext(cfg, args, run)
+            body(ctx)
+            run.log_metrics({"stage_seconds": time.perf_counter() - t0})
+    except (StageError, CheckpointError, NonFiniteLossError, FileNotFoundError, ValueError) as e:
+        print(f"error: {label}: {e}", file=sys.stderr)
+        return 2
+    elapsed = time.perf_counter() - t0
+    print(f"\n[{label}] done in {elapsed:.1f} s (profile {cfg.profile}, MLflow run {run.id[:8]})")
+    for out in ctx.outputs:
+        print(f"  wrote {out.split('  (')[0]}  {_size(out)}" + (f"  ({out.split('  (')[1]}" if "  (" in out else ""))
+    return 0

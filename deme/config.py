@@ -1,0 +1,407 @@
+"""Typed configuration: dataclasses, loading and validation of ``params.yaml``.
+
+``params.yaml`` names a profile (``profile: tiny``) and may override any key of that profile's preset
+(``deme/profiles.py``). The merged mapping is converted into the dataclasses below; every key is
+checked (unknown keys, types, ranges, enum values) before a stage touches any output, and the first
+problem is reported as one line naming the key and what is allowed (:class:`ConfigError`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad value in params.yaml. ``str(err)`` is one line naming the key."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"{key}: {message}" if key else message)
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(key, f"unknown value {value!r}; allowed: {', '.join(allowed)}")
+
+
+def _check(key: str, ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(key, message)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sections. Comments cite ../shared/PAPER.md; defaults are the tiny profile's unless stated.
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    kind: str = "shapes"  # shapes: procedurally generated (tiny); real readers arrive with real profiles
+    resolution: int = 16
+    num_train: int = 10_000
+    num_ref: int = 2_000  # held-out reference set (FID reference statistics)
+    path: str = ""  # where a real dataset lives (unused by 'shapes')
+
+    def validate(self, k: str) -> None:
+        _choice(f"{k}.kind", self.kind, ("shapes",))
+        _check(f"{k}.resolution", self.resolution in (8, 16, 32, 64, 128, 256, 512),
+               f"must be a power of two between 8 and 512, got {self.resolution}")
+        _check(f"{k}.num_train", self.num_train >= 64, f"must be >= 64, got {self.num_train}")
+        _check(f"{k}.num_ref", self.num_ref >= 64, f"must be >= 64, got {self.num_ref}")
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Architecture of a UNet2DModel trained from scratch (tiny profiles only)."""
+
+    block_out_channels: list[int] = field(default_factory=lambda: [16, 32, 64])
+    layers_per_block: int = 1
+    down_block_types: list[str] = field(default_factory=lambda: ["DownBlock2D"] * 3)
+    up_block_types: list[str] = field(default_factory=lambda: ["UpBlock2D"] * 3)
+    norm_num_groups: int = 8
+
+    def validate(self, k: str) -> None:
+        n = len(self.block_out_channels)
+        _check(f"{k}.block_out_channels", n >= 1 and all(c > 0 for c in self.block_out_channels),
+               "must be a non-empty list of positive ints")
+        for name in ("down_block_types", "up_block_types"):
+            _check(f"{k}.{name}", len(getattr(self, name)) == n,
+                   f"needs one entry per block_out_channels entry ({n})")
+        _check(f"{k}.norm_num_groups", all(c % self.norm_num_groups == 0 for c in self.block_out_channels),
+               f"must divide every block_out_channels entry, got {self.norm_num_groups}")
+        _check(f"{k}.layers_per_block", self.layers_per_block >= 1, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    source: str = "train"  # train: the pretrain stage trains it (tiny); hub: load a checkpoint
+    pretrained_id: str = ""  # e.g. google/ddpm-cifar10-32 (PAPER.md §8.1)
+    local_path: str = ""  # a local save_pretrained directory; wins over the hub cache
+    unet: UNetConfig = field(default_factory=UNetConfig)
+
+    def validate(self, k: str) -> None:
+        _choice(f"{k}.source", self.source, ("train", "hub"))
+        if self.source == "hub":
+            _check(f"{k}.pretrained_id", bool(self.pretrained_id or self.local_path),
+                   "source 'hub' needs pretrained_id or local_path")
+        self.unet.validate(f"{k}.unet")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """The DDPM noise schedule (PAPER.md notation; DDPM: linear 1e-4..0.02, T=1000)."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+    prediction_type: str = "epsilon"
+    clip_sample: bool = True
+
+    def validate(self, k: str) -> None:
+        _check(f"{k}.num_train_timesteps", self.num_train_timesteps >= 2, "must be >= 2")
+        _check(f"{k}.beta_start", 0 < self.beta_start < self.beta_end < 1,
+               "need 0 < beta_start < beta_end < 1")
+        _choice(f"{k}.beta_schedule", self.beta_schedule, ("linear", "scaled_linear"))
+        _choice(f"{k}.prediction_type", self.prediction_type, ("epsilon",))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One optimisation budget (PAPER.md §1.6): AdamW, constant LR, EMA with warm-up, clipping."""
+
+    iterations: int = 1000  # optimizer steps (after accumulation), PAPER.md §1.6
+    batch_size: int = 64  # micro-batch
+    grad_accum: int = 1
+    lr: float = 2e-4
+    betas: list[float] = field(default_factory=lambda: [0.95, 0.999])
+    weight_decay: float = 1e-6
+    eps: float = 1e-8
+    clip_grad_norm: float = 1.0
+    ema_max_decay: float = 0.9999  # decay(step) = min(max, 1 - (1 + step/inv_gamma)^-power)
+    ema_power: float = 0.75
+    ema_inv_gamma: float = 1.0
+    precision: str = "no"  # accelerate mixed precision: no | fp16 | bf16
+    log_every: int = 25
+    ckpt_every: int = 250  # resumable checkpoints; 0 disables
+
+    def validate(self, k: str) -> None:
+        _check(f"{k}.iterations", self.iterations >= 1, f"must be >= 1, got {self.iterations}")
+        _check(f"{k}.batch_size", self.batch_size >= 1, f"must be >= 1, got {self.batch_size}")
+        _check(f"{k}.grad_accum", self.grad_accum >= 1, f"must be >= 1, got {self.grad_accum}")
+        _check(f"{k}.lr", 0 < self.lr < 1, f"must be in (0, 1), got {self.lr}")
+        _check(f"{k}.betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+               f"must be two numbers in [0, 1), got {self.betas}")
+        _check(f"{k}.weight_decay", self.weight_decay >= 0, "must be >= 0")
+        _check(f"{k}.eps", self.eps > 0, "must be > 0")
+        _check(f"{k}.clip_grad_norm", self.clip_grad_norm >= 0, "must be >= 0 (0 disables)")
+        _check(f"{k}.ema_max_decay", 0 <= self.ema_max_decay < 1, "must be in [0, 1)")
+        _check(f"{k}.ema_power", self.ema_power > 0, "must be > 0")
+        _check(f"{k}.ema_inv_gamma", self.ema_inv_gamma > 0, "must be > 0")
+        _choice(f"{k}.precision", self.precision, ("no", "fp16", "bf16"))
+        _check(f"{k}.log_every", self.log_every >= 1, "must be >= 1")
+        _check(f"{k}.ckpt_every", self.ckpt_every >= 0, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class DeMeConfig:
+    """Decoupled interval finetuning (PAPER.md §1.2-1.5). Each technique can be switched off."""
+
+    intervals: list[int] = field(default_factory=lambda: [1, 2, 3, 4])  # N = len(intervals)
+    p: float = 0.4  # probability of a global draw (Eq. 6 semantics, PAPER.md §1.4)
+    probabilistic_sampling: bool = True
+    ps_granularity: str = "batch"  # batch (code) | sample
+    antithetic: bool = True
+    consistency_loss: bool = True
+    consistency_weight: float = 1.0  # lambda_c (PAPER.md §1.3)
+    channel_projection: bool = True
+
+    @property
+    def n(self) -> int:
+        return len(self.intervals)
+
+    def validate(self, k: str, num_train_timesteps: int = 1000) -> None:
+        n = len(self.intervals)
+        _check(f"{k}.intervals", n >= 1 and list(self.intervals) == list(range(1, n + 1)),
+               f"must be the list 1..N (N = number of intervals), got {self.intervals}")
+        _check(f"{k}.intervals", num_train_timesteps % n == 0,
+               f"N={n} must divide the number of timesteps {num_train_timesteps} (PAPER.md §1.2)")
+        _check(f"{k}.p", 0 <= self.p <= 1, f"must be in [0, 1], got {self.p}")
+        _choice(f"{k}.ps_granularity", self.ps_granularity, ("batch", "sample"))
+        _check(f"{k}.consistency_weight", self.consistency_weight >= 0, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """Task-vector merge and its weight search (PAPER.md §1.8)."""
+
+    search: str = "coordinate"  # coordinate: cyclic coarse-to-fine per weight; grid: paper's full grid
+    coarse: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
+    refine_step: float = 0.25  # second round: best ± refine_step (coordinate) / ±{0, step, 2 step} (grid)
+    refine_rounds: int = 1
+    start: float = 1.0  # coordinate search starting point (all weights)
+    bounds: list[float] = field(default_factory=lambda: [0.0, 1.5])
+    proxy_samples: int = 256  # FID-5K at paper scale; seeds disjoint from the final evaluation
+
+    def validate(self, k: str) -> None:
+        _choice(f"{k}.search", self.search, ("coordinate", "grid"))
+        _check(f"{k}.coarse", len(self.coarse) >= 1, "needs at least one value")
+        _check(f"{k}.refine_step", self.refine_step >= 0, "must be >= 0")
+        _check(f"{k}.refine_rounds", self.refine_rounds >= 0, "must be >= 0")
+        _check(f"{k}.bounds", len(self.bounds) == 2 and self.bounds[0] <= self.bounds[1],
+               "must be [low, high] with low <= high")
+        _check(f"{k}.proxy_samples", self.proxy_samples >= 16, "must be >= 16")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Sampler of the evaluation and the merge search (PAPER.md §1.9: DDIM-50, eta 0)."""
+
+    sampler: str = "ddim"
+    steps: int = 50
+    eta: float = 0.0
+    batch_size: int = 250
+    num_samples: int = 1000  # FID-50K at paper scale
+    grid_size: int = 64  # images in the sample grid PNG
+
+    def validate(self, k: str) -> None:
+        _choice(f"{k}.sampler", self.sampler, ("ddim",))
+        _check(f"{k}.steps", 1 <= self.steps <= 1000, "must be in [1, 1000]")
+        _check(f"{k}.eta", 0 <= self.eta <= 1, "must be in [0, 1]")
+        _check(f"{k}.batch_size", self.batch_size >= 1, "must be >= 1")
+        _check(f"{k}.num_samples", self.num_samples >= 16, "must be >= 16")
+        _check(f"{k}.grid_size", self.grid_size >= 1, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class FeatNetConfig:
+    """The tiny profile's FID feature network: a small classifier on the shapes (penultimate features)."""
+
+    iterations: int = 600
+    batch_size: int = 128
+    lr: float = 2e-3
+    width: int = 32
+    feature_dim: int = 64
+
+    def validate(self, k: str) -> None:
+        for name in ("iterations", "batch_size", "width", "feature_dim"):
+            _check(f"{k}.{name}", getattr(self, name) >= 1, "must be >= 1")
+        _check(f"{k}.lr", 0 < self.lr < 1, "must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class FIDConfig:
+    feature_net: str = "featnet"  # featnet: the tiny classifier; inception: Inception-v3 (real profiles)
+    mode: str = "clean"
+    batch_size: int = 500
+
+    def validate(self, k: str) -> None:
+        _choice(f"{k}.feature_net", self.feature_net, ("featnet",))
+        _choice(f"{k}.mode", self.mode, ("clean",))
+        _check(f"{k}.batch_size", self.batch_size >= 1, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    device: str = "auto"  # auto | cpu | cuda
+    num_threads: int = 0  # torch CPU threads; 0 = torch default
+
+    def validate(self, k: str) -> None:
+        _choice(f"{k}.device", self.device, ("auto", "cpu", "cuda"))
+        _check(f"{k}.num_threads", self.num_threads >= 0, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class Config:
+    profile: str = "tiny"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    pretrain: TrainConfig = field(default_factory=TrainConfig)
+    featnet: FeatNetConfig = field(default_factory=FeatNetConfig)
+    finetune: TrainConfig = field(default_factory=TrainConfig)
+    deme: DeMeConfig = field(default_factory=DeMeConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    fid: FIDConfig = field(default_factory=FIDConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def validate(self) -> None:
+        from deme.profiles import PROFILES
+
+        _choice("profile", self.profile, tuple(PROFILES))
+        _check("seed", 0 <= self.seed < 2**31, "must be in [0, 2^31)")
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if f.name == "deme":
+                section.validate("deme", self.schedule.num_train_timesteps)
+            elif dataclasses.is_dataclass(section):
+                section.validate(f.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Generic conversion of nested mappings into the dataclasses, with one error per bad key.
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, f"expected a {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [_convert(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            if option is type(None) and value is None:
+                return None
+            try:
+                return _convert(option, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(key, f"expected {' or '.join(map(_type_name, typing.get_args(tp)))}, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(key, f"expected true or false, got {type(value).__name__} {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(key, f"expected an integer, got {type(value).__name__} {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads '1e-4' (no dot) as a string: accept numeric strings
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(key, f"expected a number, got {type(value).__name__} {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(key, f"expected a string, got {type(value).__name__} {value!r}")
+    raise TypeError(f"unsupported config type {tp} at {key}")  # a bug in this module, not user input
+
+
+def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(prefix or "params", f"expected a mapping of keys, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(full, f"unknown key{hint} (allowed: {', '.join(names)})")
+        kwargs[key] = _convert(hints[key], value, full)
+    return cls(**kwargs)
+
+
+def deep_update(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_update(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_params(path: str | Path = "params.yaml") -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError("", f"{path}: file not found (run from the repository root, or pass --params)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError("", f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if raw is None:
+        raise ConfigError("", f"{path}: the file is empty; it needs at least 'profile: <name>'")
+    if not isinstance(raw, dict):
+        raise ConfigError("", f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
+    return raw
+
+
+def config_from_mapping(raw: dict) -> Config:
+    """Merge ``raw`` over its profile's preset and validate."""
+    from deme.profiles import PROFILES, preset
+
+    profile = raw.get("profile", "tiny")
+    if not isinstance(profile, str) or profile not in PROFILES:
+        raise ConfigError("profile", f"unknown profile {profile!r}; allowed: {', '.join(PROFILES)}")
+    cfg = from_dict(Config, deep_update(preset(profile), raw))
+    cfg.validate()
+    return cfg
+
+
+def load_config(path: str | Path = "params.yaml") -> Config:
+    return config_from_mapping(read_params(path))

@@ -1,0 +1,132 @@
+"""Small I/O helpers: atomic outputs, JSON, derived seeds, repository facts.
+
+Every stage writes to a temporary sibling path and renames at the end, so a killed stage never leaves a
+half-written output that DVC or the next stage could take for a good one.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to a temporary sibling, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe: numpy scalars to Python, non-finite floats to None."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(_clean(data), indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing (run the stage that makes it: dvc repro)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: corrupt JSON ({e})") from None
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary directory that replaces ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        old = path.with_name(f".{path.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old.exists():
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def derive_seed(base: int, *purpose: Any) -> int:
+    """A seed named by purpose ('train', 'search', 'eval', ...): stable across runs and machines."""
+    digest = hashlib.sha256(repr((int(base),) + tuple(purpose)).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+# Per-image sampling seeds live in disjoint ranges by purpose, so the merge search and the final
+# evaluation never share initial noise (PAPER.md §1.8, selection-bias caveat).
+SEED_SPACES = {"eval": 0, "search": 1, "grid": 2, "analysis": 3}
+SEED_SPACE_SIZE = 100_000_000
+
+
+def sample_seeds(purpose: str, n: int, base: int = 0) -> range:
+    if purpose not in SEED_SPACES:
+        raise KeyError(f"unknown seed purpose {purpose!r}; known: {', '.join(SEED_SPACES)}")
+    if n > SEED_SPACE_SIZE // 10:
+        raise ValueError(f"{n} samples exceed the seed space of one purpose")
+    start = SEED_SPACES[purpose] * SEED_SPACE_SIZE + (base % 10) * (SEED_SPACE_SIZE // 10)
+    return range(start, start + n)
+
+
+def repo_root() -> Path:
+    env = os.environ.get("DVC_ROOT")
+    if env:
+        return Path(env)
+    here = Path.cwd()
+    for p in (here, *here.parents):
+        if (p / "dvc.yaml").exists() or (p / ".git").exists():
+            return p
+    return here
+
+
+def git_commit(root: Path | None = None) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root or repo_root(), capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,57 @@
+"""The epsilon-prediction objective of DeMe and of plain finetuning (PAPER.md §1.3-1.4, Eq. 5).
+
+    L_i = E_{t ~ pi_i} [ ||eps - eps_theta_i(x_t, t)||^2 + lambda_c ||eps_theta(x_t, t) - eps_theta_i(x_t, t)||^2 ]
+
+Plain finetuning is the same objective on the whole range [0, T) with p = 0 and no teacher, so the
+ablations of Table 3 are only switches of this one object. Both MSEs are means over batch, channels and
+pixels (official code) and are computed in fp32 whatever the training precision.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deme.schedule import sample_timesteps
+
+
+@dataclass
+class EpsObjective:
+    alphas_cumprod: torch.Tensor  # [T], from the noise schedule
+    lo: int = 0  # the interval [lo, hi) this model is trained on
+    hi: int = 1000
+    p: float = 0.0  # probability of a global timestep draw (Eq. 6)
+    granularity: str = "batch"
+    antithetic: bool = True
+    teacher: nn.Module | None = None  # frozen pretrained model for the consistency loss
+    consistency_weight: float = 1.0
+
+    @property
+    def num_timesteps(self) -> int:
+        return len(self.alphas_cumprod)
+
+    def noisy(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps."""
+        ab = self.alphas_cumprod.to(x0.device)[t].to(x0.dtype).view(-1, 1, 1, 1)
+        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+    def __call__(self, model: nn.Module, x0: torch.Tensor, generator: torch.Generator):
+        t = sample_timesteps(x0.shape[0], self.lo, self.hi, p=self.p, num_timesteps=self.num_timesteps,
+                             granularity=self.granularity, antithetic=self.antithetic,
+                             generator=generator).to(x0.device)
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+        xt = self.noisy(x0, noise, t)
+        pred = model(xt, t).sample.float()
+        loss_eps = F.mse_loss(pred, noise.float())
+        terms = {"loss_eps": loss_eps.detach()}
+        loss = loss_eps
+        if self.teacher is not None and self.consistency_weight > 0:
+            with torch.no_grad():
+                target = self.teacher(xt, t).sample.float()
+            loss_consistency = F.mse_loss(pred, target)
+            loss = loss + self.consistency_weight * loss_consistency
+            terms["loss_consistency"] = loss_consistency.detach()
+        terms["loss"] = loss.detach()
+        return loss, terms

@@ -1,0 +1,68 @@
+"""Every pipeline path in one place; dvc.yaml mirrors these (``${profile}`` in place of the profile)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Paths:
+    profile: str
+    root: Path = Path(".")
+
+    def _p(self, *parts: str) -> Path:
+        return self.root.joinpath(*parts)
+
+    # data and references
+    @property
+    def train(self) -> Path:
+        return self._p("data", self.profile, "train.npz")
+
+    @property
+    def ref(self) -> Path:
+        return self._p("data", self.profile, "ref.npz")
+
+    @property
+    def featnet(self) -> Path:
+        return self._p("models", self.profile, "featnet")
+
+    @property
+    def fid_ref(self) -> Path:
+        return self._p("stats", self.profile, "fid_ref.npz")
+
+    # models
+    @property
+    def pretrained(self) -> Path:
+        return self._p("models", self.profile, "pretrained")
+
+    @property
+    def deme_dir(self) -> Path:
+        return self._p("models", self.profile, "deme")
+
+    def interval(self, i: int) -> Path:
+        return self.deme_dir / f"interval-{i}"
+
+    @property
+    def plain(self) -> Path:
+        return self._p("models", self.profile, "plain")
+
+    @property
+    def merged(self) -> Path:
+        return self._p("models", self.profile, "merged")
+
+    # metrics, curves, samples, resumable checkpoints
+    def metrics(self, *name: str) -> Path:
+        return self._p("metrics", self.profile, *name[:-1], f"{name[-1]}.json")
+
+    def curve(self, name: str) -> Path:
+        return self._p("plots", self.profile, f"{name}.csv")
+
+    def samples(self, name: str) -> Path:
+        return self._p("samples", self.profile, f"{name}.png")
+
+    def ckpt(self, label: str) -> Path:
+        return self._p(".ckpt", self.profile, label)
+
+    @property
+    def report_dir(self) -> Path:
+        return self._p("reports", self.profile)

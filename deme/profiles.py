@@ -1,0 +1,118 @@
+"""Profiles as data: one complete preset per setting (in the spirit of NVlabs edm's presets).
+
+``params.yaml`` names a profile and overrides keys of its preset; ``python -m deme.profiles show NAME``
+prints a preset as YAML and ``python -m deme.profiles use NAME`` writes it to ``params.yaml``.
+
+- ``tiny``: the embedded default. 16x16 procedurally generated shapes, a UNet2DModel "pretrained" by the
+  pipeline itself, a small classifier as FID feature space. Runs the whole paper pipeline on a laptop CPU.
+- ``micro``: the same stages at toy size, for the end-to-end test (``dvc repro`` in a temporary repo).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import yaml
+
+# Optimiser settings of the official church script (PAPER.md §1.6), used for every finetuning budget.
+_FINETUNE_OPTIM = dict(betas=[0.95, 0.999], weight_decay=1e-6, eps=1e-8, clip_grad_norm=1.0,
+                       ema_max_decay=0.9999, ema_power=0.75, ema_inv_gamma=1.0, precision="no")
+
+_TINY = {
+    "profile": "tiny",
+    "seed": 0,
+    "data": {"kind": "shapes", "resolution": 16, "num_train": 10_000, "num_ref": 2_000, "path": ""},
+    "model": {
+        "source": "train", "pretrained_id": "", "local_path": "",
+        "unet": {"block_out_channels": [16, 32, 64], "layers_per_block": 1,
+                 "down_block_types": ["DownBlock2D"] * 3, "up_block_types": ["UpBlock2D"] * 3,
+                 "norm_num_groups": 8},
+    },
+    "schedule": {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
+                 "beta_schedule": "linear", "prediction_type": "epsilon", "clip_sample": True},
+    # The stand-in for google/ddpm-cifar10-32: trained from scratch, deliberately short (good, not perfect).
+    "pretrain": {"iterations": 2000, "batch_size": 64, "grad_accum": 1, "lr": 1e-3, "betas": [0.9, 0.999],
+                 "weight_decay": 0.0, "eps": 1e-8, "clip_grad_norm": 1.0, "ema_max_decay": 0.999,
+                 "ema_power": 0.75, "ema_inv_gamma": 1.0, "precision": "no", "log_every": 50,
+                 "ckpt_every": 500},
+    "featnet": {"iterations": 600, "batch_size": 128, "lr": 2e-3, "width": 32, "feature_dim": 64},
+    # One budget shared by DeMe (per interval) and the plain control (N x iterations), PAPER.md §1.6.
+    "finetune": {"iterations": 200, "batch_size": 64, "grad_accum": 1, "lr": 2e-4, **_FINETUNE_OPTIM,
+                 "log_every": 10, "ckpt_every": 100},
+    "deme": {"intervals": [1, 2, 3, 4], "p": 0.4, "probabilistic_sampling": True, "ps_granularity": "batch",
+             "antithetic": True, "consistency_loss": True, "consistency_weight": 1.0,
+             "channel_projection": True},
+    "merge": {"search": "coordinate", "coarse": [0.0, 0.5, 1.0], "refine_step": 0.25, "refine_rounds": 1,
+              "start": 1.0, "bounds": [0.0, 1.5], "proxy_samples": 256},
+    "sample": {"sampler": "ddim", "steps": 50, "eta": 0.0, "batch_size": 250, "num_samples": 1000,
+               "grid_size": 64},
+    "fid": {"feature_net": "featnet", "mode": "clean", "batch_size": 500},
+    "runtime": {"device": "auto", "num_threads": 0},
+}
+
+
+def _micro() -> dict:
+    p = copy.deepcopy(_TINY)
+    p["profile"] = "micro"
+    p["data"].update(num_train=512, num_ref=256)
+    p["model"]["unet"] = {"block_out_channels": [8, 16], "layers_per_block": 1,
+                          "down_block_types": ["DownBlock2D"] * 2, "up_block_types": ["UpBlock2D"] * 2,
+                          "norm_num_groups": 4}
+    p["pretrain"].update(iterations=40, batch_size=32, log_every=10, ckpt_every=20)
+    p["featnet"].update(iterations=40, batch_size=64, width=8, feature_dim=16)
+    p["finetune"].update(iterations=6, batch_size=16, log_every=2, ckpt_every=3)
+    p["deme"]["intervals"] = [1, 2]
+    p["merge"].update(coarse=[0.0, 1.0], refine_rounds=0, proxy_samples=32)
+    p["sample"].update(steps=5, batch_size=64, num_samples=64, grid_size=16)
+    return p
+
+
+PROFILES: dict[str, dict] = {"tiny": _TINY, "micro": _micro()}
+
+
+def preset(name: str) -> dict:
+    """A deep copy of a profile's complete preset."""
+    return copy.deepcopy(PROFILES[name])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m deme.profiles", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("list", help="list the profiles")
+    s = sub.add_parser("show", help="print a profile's preset as YAML")
+    s.add_argument("name", choices=sorted(PROFILES))
+    u = sub.add_parser("use", help="write a profile's preset to params.yaml (the old file is kept as .bak)")
+    u.add_argument("name", choices=sorted(PROFILES))
+    u.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    if args.cmd == "list":
+        print("\n".join(PROFILES))
+    elif args.cmd == "show":
+        print(dump_yaml(preset(args.name)), end="")
+    else:
+        from deme.io import atomic_write_text
+
+        path = Path(args.params)
+        if path.exists():
+            path.with_suffix(path.suffix + ".bak").write_text(path.read_text())
+        atomic_write_text(path, dump_yaml(preset(args.name)))
+        print(f"wrote {path} for profile {args.name!r}")
+    return 0
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block style for mappings, flow style for lists of scalars (``betas: [0.95, 0.999]``)."""
+
+
+_Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
+
+
+def dump_yaml(data: dict) -> str:
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, width=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Figures of the report (matplotlib, PNG), drawn from DVC-tracked CSV/JSON, never from live models."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def training_curves(plots_dir: Path, path: Path) -> Path | None:
+    """Loss against step: the pretraining run, and every finetuning run (interval models and controls)."""
+    pre = plots_dir / "pretrain.csv"
+    runs = sorted(plots_dir.glob("finetune-*.csv"))
+    if not runs and not pre.exists():
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    if pre.exists():
+        df = pd.read_csv(pre)
+        axes[0].plot(df["step"], df["loss"], color="k")
+    axes[0].set(title="pretraining (from scratch)", xlabel="step", ylabel="ε-MSE", yscale="log")
+    for csv in runs:
+        df = pd.read_csv(csv)
+        y = df["loss_eps"] if "loss_eps" in df else df["loss"]
+        axes[1].plot(df["step"], y, label=csv.stem.removeprefix("finetune-"))
+    axes[1].set(title="finetuning: ε-MSE on each run's own timesteps", xlabel="step", ylabel="ε-MSE",
+                yscale="log")
+    axes[1].legend(fontsize=8)
+    return _save(fig, path)
+
+
+def merge_search(csv: Path, path: Path) -> Path | None:
+    if not csv.exists():
+        return None
+    df = pd.read_csv(csv)
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for phase, g in df.groupby("phase", sort=False):
+        ax.scatter(g["candidate"], g["proxy_fid"], label=phase, s=22)
+    ref = df[df["phase"] == "reference"]
+    if len(ref):
+        ax.axhline(float(ref["proxy_fid"].iloc[0]), color="gray", ls="--", lw=1, label="pretrained (w = 0)")
+    best = df.loc[df["proxy_fid"].idxmin()]
+    ax.scatter([best["candidate"]], [best["proxy_fid"]], marker="*", s=180, color="gold", edgecolor="k",
+               zorder=5, label="selected")
+    ax.set(xlabel="candidate (scoring order)", ylabel="proxy FID", title="merge-weight search")
+    ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -1,0 +1,94 @@
+"""Tables of the report: measured numbers from DVC-tracked metrics JSON, paper numbers beside them."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from deme.report.paper import paper_table
+
+# Table 1 rows measured by the suite, in the paper's order; paper keys where the paper has the row.
+TABLE1_ROWS = [
+    ("pretrained", "Pretrained (before finetuning)", "pretrained"),
+    ("plain", "Plain finetuning (control, same total iterations)", None),
+    ("ensemble", "DeMe (before merge: timestep ensemble)", "ensemble"),
+    ("merged", "DeMe (after merge: task-vector merge)", "merged"),
+    ("floor", "Data-vs-data floor (training vs held-out images)", None),
+]
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def measured_profiles(metrics_root: Path) -> list[str]:
+    return sorted(p.name for p in metrics_root.iterdir() if (p / "evaluate").is_dir()) if metrics_root.exists() else []
+
+
+def collect_fid(metrics_root: Path, profiles: list[str]) -> pd.DataFrame:
+    """FID per (method, profile); NaN where a model has not been evaluated."""
+    data = {}
+    for prof in profiles:
+        col = {}
+        for key, _, _ in TABLE1_ROWS:
+            m = _read(metrics_root / prof / ("fid_ref.json" if key == "floor" else f"evaluate/{key}.json"))
+            col[key] = (m or {}).get("fid_floor" if key == "floor" else "fid", np.nan)
+        data[prof] = col
+    return pd.DataFrame(data, index=[k for k, _, _ in TABLE1_ROWS], dtype=float)
+
+
+def iterations_of(metrics_root: Path, profile: str, n: int) -> dict[str, str]:
+    train = metrics_root / profile / "train"
+    per = (_read(train / "interval-1.json") or {}).get("iterations")
+    plain = (_read(train / "plain.json") or {}).get("iterations")
+    deme = f"{per} × {n}" if per else ""
+    return {"pretrained": "-", "plain": str(plain or ""), "ensemble": deme, "merged": deme, "floor": "-"}
+
+
+def _fmt(v: float, digits: int = 3) -> str:
+    return "" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{digits}f}"
+
+
+def _bold_best(values: pd.Series, text: pd.Series, exclude: tuple[str, ...] = ("floor",)) -> pd.Series:
+    candidates = values.drop(labels=[e for e in exclude if e in values.index]).dropna()
+    if candidates.empty:
+        return text
+    best = candidates.min()
+    return pd.Series([f"**{t}**" if k in candidates.index and values[k] == best else t
+                      for k, t in text.items()], index=text.index)
+
+
+def table1(metrics_root: Path, n_intervals: dict[str, int]) -> str:
+    """Markdown Table 1: our FID per measured profile with delta vs pretrained, then the paper's columns."""
+    profiles = measured_profiles(metrics_root)
+    fid = collect_fid(metrics_root, profiles)
+    paper = paper_table("table1")
+    out = pd.DataFrame(index=fid.index)
+    out["Method"] = [label for _, label, _ in TABLE1_ROWS]
+    for prof in profiles:
+        col = fid[prof]
+        out[f"{prof} FID (ours)"] = _bold_best(col, col.map(_fmt))
+        pre = col.get("pretrained", np.nan)
+        out[f"{prof} Δ vs pretrained"] = [("" if np.isnan(v) or np.isnan(pre) or k in ("pretrained", "floor")
+                                           else f"{v - pre:+.3f}") for k, v in col.items()]
+        its = iterations_of(metrics_root, prof, n_intervals.get(prof, 0))
+        out[f"{prof} iterations"] = [its.get(k, "") for k in fid.index]
+    for j, name in enumerate(paper["columns"]):
+        vals = pd.Series({k: (paper["rows"][pk]["values"][j] if pk else np.nan) for k, _, pk in TABLE1_ROWS})
+        out[f"{name} FID (paper)"] = _bold_best(vals, vals.map(lambda v: _fmt(v, 2)))
+    out["Iterations (paper)"] = [paper["rows"][pk]["iterations"] if pk else "" for _, _, pk in TABLE1_ROWS]
+    return out.to_markdown(index=False, disable_numparse=True)
+
+
+def paper_only_rows(table: str = "table1") -> str:
+    """Rows of the paper's table the suite does not measure yet, labelled as the paper's."""
+    paper = paper_table(table)
+    measured = {pk for _, _, pk in TABLE1_ROWS if pk}
+    rows = [{"Method (paper)": r["label"], **{f"{c} FID (paper)": f"{v:.2f}" for c, v in zip(paper["columns"], r["values"])},
+             "Iterations (paper)": r["iterations"]} for k, r in paper["rows"].items() if k not in measured]
+    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True) if rows else ""

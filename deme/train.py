@@ -1,0 +1,181 @@
+"""The training loop, shared by pretraining, DeMe interval finetuning, plain finetuning and baselines.
+
+Read top to bottom: AdamW with constant LR, gradient accumulation and global-norm clipping through
+accelerate, EMA with warm-up (decay(step) = min(max, 1 - (1 + step/inv_gamma)^-power), PAPER.md §1.6), a
+NaN guard that names the step and the loss terms, and resumable checkpoints.
+
+Determinism: the data order and every random draw of step s come from seeds derived from (seed, s), so a
+run resumed from a checkpoint continues exactly as an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from deme.config import TrainConfig
+from deme.io import atomic_dir, derive_seed, write_json
+
+LogFn = Callable[[dict[str, float], int], None]
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("runtime.device is 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [n, H, W, 3] -> float [n, 3, H, W] in [-1, 1] (the DDPM data range)."""
+    return images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+class BatchStream:
+    """Micro-batch m of a run is a pure function of (seed, m): shuffled epochs, no replacement within one."""
+
+    def __init__(self, images: torch.Tensor, batch_size: int, seed: int):
+        if len(images) < batch_size:
+            raise ValueError(f"batch_size {batch_size} exceeds the dataset size {len(images)}")
+        self.images, self.batch_size, self.seed = images, batch_size, seed
+        self.per_epoch = len(images) // batch_size
+        self._epoch, self._perm = -1, None
+
+    def __call__(self, m: int) -> torch.Tensor:
+        epoch, k = divmod(m, self.per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(derive_seed(self.seed, "epoch", epoch))
+            self._epoch, self._perm = epoch, torch.randperm(len(self.images), generator=g)
+        idx = self._perm[k * self.batch_size:(k + 1) * self.batch_size]
+        return to_model_range(self.images[idx])
+
+
+def train(model: nn.Module, objective, images: torch.Tensor, cfg: TrainConfig, *, seed: int,
+          device: torch.device, ckpt_dir: str | Path | None = None, fingerprint: str = "",
+          log: LogFn | None = None, desc: str = "train") -> nn.Module:
+    """Train ``model`` with ``objective`` for ``cfg.iterations`` optimizer steps; return the EMA model."""
+    from accelerate import Accelerator
+    from diffusers.training_utils import EMAModel
+
+    acc = Accelerator(cpu=device.type == "cpu", mixed_precision=cfg.precision,
+                      gradient_accumulation_steps=cfg.grad_accum)
+    params = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    params += getattr(objective, "param_groups", lambda: [])()  # e.g. ANT-UW log-variances
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                  weight_decay=cfg.weight_decay)
+    model.to(acc.device)
+    ema = EMAModel(model.parameters(), decay=cfg.ema_max_decay, use_ema_warmup=True,
+                   inv_gamma=cfg.ema_inv_gamma, power=cfg.ema_power)
+    model, optimizer = acc.prepare(model, optimizer)
+    if getattr(objective, "teacher", None) is not None:
+        objective.teacher.to(acc.device)
+    stream = BatchStream(images, cfg.batch_size, derive_seed(seed, "data", acc.process_index))
+
+    ckpt_dir = Path(ckpt_dir) if ckpt_dir and cfg.ckpt_every else None
+    start = _load_checkpoint(ckpt_dir, fingerprint, acc.unwrap_model(model), ema, optimizer) if ckpt_dir else 0
+
+    model.train()
+    window: dict[str, list[float]] = {}
+    t0, seen = time.perf_counter(), 0
+    bar = tqdm(range(start, cfg.iterations), desc=desc, initial=start, total=cfg.iterations,
+               disable=not acc.is_main_process, dynamic_ncols=True)
+    for step in bar:
+        for micro in range(cfg.grad_accum):
+            m = step * cfg.grad_accum + micro
+            x0 = stream(m).to(acc.device)
+            gen = torch.Generator().manual_seed(derive_seed(seed, "step", m, acc.process_index))
+            with acc.accumulate(model), acc.autocast():
+                loss, terms = objective(model, x0, gen)
+                if not torch.isfinite(loss):
+                    shown = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+                    last = f"; last good checkpoint: {ckpt_dir}" if ckpt_dir and ckpt_dir.exists() else ""
+                    raise NonFiniteLossError(f"{desc}: non-finite loss at step {step + 1} ({shown}){last}")
+                acc.backward(loss)
+                if acc.sync_gradients and cfg.clip_grad_norm > 0:
+                    acc.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            for k, v in terms.items():
+                window.setdefault(k, []).append(float(v))
+            seen += x0.shape[0]
+        ema.step(acc.unwrap_model(model).parameters())
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.iterations:
+            metrics = {k: sum(v) / len(v) for k, v in window.items()}
+            metrics["ema_decay"] = ema.cur_decay_value or 0.0
+            metrics["images_per_s"] = seen * acc.num_processes / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+            if log is not None and acc.is_main_process:
+                log(metrics, done)
+            window, t0, seen = {}, time.perf_counter(), 0
+        if ckpt_dir and done % cfg.ckpt_every == 0 and done < cfg.iterations and acc.is_main_process:
+            _save_checkpoint(ckpt_dir, done, fingerprint, acc.unwrap_model(model), ema, optimizer)
+    bar.close()
+
+    final = acc.unwrap_model(model)
+    ema.copy_to(final.parameters())  # task vectors are computed from the EMA weights (PAPER.md §1.6)
+    return final.eval()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Resumable checkpoints: safetensors for weights, weights_only torch.load for optimizer state.
+
+
+def _save_checkpoint(path: Path, step: int, fingerprint: str, model: nn.Module, ema, optimizer) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_dir(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+                  str(tmp / "model.safetensors"))
+        save_file({str(i): p.detach().contiguous().cpu() for i, p in enumerate(ema.shadow_params)},
+                  str(tmp / "ema.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        write_json(tmp / "state.json", {"step": step, "fingerprint": fingerprint,
+                                         "ema_optimization_step": ema.optimization_step})
+
+
+def _load_checkpoint(path: Path, fingerprint: str, model: nn.Module, ema, optimizer) -> int:
+    from safetensors.torch import load_file
+
+    state_file = path / "state.json"
+    if not state_file.exists():
+        return 0
+    try:
+        state = json.loads(state_file.read_text())
+        if state.get("fingerprint") != fingerprint:
+            print(f"[resume] {path}: checkpoint was made with other settings; starting over")
+            shutil.rmtree(path)
+            return 0
+        model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+        shadow = load_file(str(path / "ema.safetensors"))
+        for i, p in enumerate(ema.shadow_params):
+            p.data.copy_(shadow[str(i)].to(p.device))
+        ema.optimization_step = state["ema_optimization_step"]
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    except Exception as e:
+        raise RuntimeError(f"{path}: corrupt or truncated training checkpoint ({e}); "
+                           f"delete the folder to start the stage over") from None
+    print(f"[resume] {path}: resuming at step {state['step']}")
+    return int(state["step"])
+
+
+def clear_checkpoint(path: str | Path | None) -> None:
+    if path and Path(path).exists():
+        shutil.rmtree(path)
+
+
+def set_threads(n: int) -> None:
+    if n > 0:
+        torch.set_num_threads(n)
+

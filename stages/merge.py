@@ -1,0 +1,105 @@
+"""Stage `merge`: task-vector merge of the N interval models with searched weights (PAPER.md §1.8).
+
+tau_i = theta_i - theta (EMA weights; theta includes identity projections), theta_merged = theta +
+sum_i w_i tau_i. The weights come from a coarse-to-fine search scored by FID on a proxy sample set whose
+seeds are disjoint from the final evaluation's. `merge.search: grid` is the paper's full grid; the tiny
+default `coordinate` is a cheap cyclic coarse-to-fine. Every candidate's proxy FID goes to
+plots/<profile>/merge_search.csv and MLflow; scored candidates are kept in .ckpt/ so a killed search
+resumes without rescoring.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from deme.cli import StageError, run_stage  # noqa: E402
+
+
+def body(ctx):
+    import json
+
+    from deme.evaluation import feature_space, fid_of_model
+    from deme.io import atomic_write_text, sample_seeds, write_json
+    from deme.merge import Scorer, coordinate_search, grid_search, merged_model, task_vector
+    from deme.metrics.fid import Stats
+    from deme.models import load_model, load_pretrained, model_meta, save_model
+    from deme.paths import Paths
+    from deme.projection import add_channel_projection
+
+    cfg, paths = ctx.cfg, Paths(ctx.cfg.profile)
+    d, m = cfg.deme, cfg.merge
+    base = load_pretrained(cfg)
+    if d.channel_projection:
+        add_channel_projection(base)
+    models = []
+    for i in d.intervals:
+        meta = model_meta(paths.interval(i))
+        if bool(meta.get("channel_projection")) != d.channel_projection:
+            raise StageError(f"{paths.interval(i)} was trained with channel_projection="
+                             f"{meta.get('channel_projection')}, params say {d.channel_projection}; rerun finetune")
+        models.append(load_model(paths.interval(i)))
+    base_state = base.state_dict()
+    vectors = [task_vector(mod.state_dict(), base_state) for mod in models]
+    del models
+    space, ref = feature_space(cfg, ctx.device), Stats.load(paths.fid_ref)
+    seeds = sample_seeds("search", m.proxy_samples, cfg.seed)
+
+    # resumable cache of scored candidates, valid only for the same models and search settings
+    ckpt = paths.ckpt("merge") / "scores.jsonl"
+    key = json.dumps([cfg.to_dict()["merge"], cfg.to_dict()["sample"], [model_meta(paths.interval(i)).get("git_commit")
+                      for i in d.intervals], cfg.seed])
+    cache = {}
+    if ckpt.exists():
+        lines = ckpt.read_text().splitlines()
+        if lines and lines[0] == key:
+            for line in lines[1:]:
+                row = json.loads(line)
+                cache[tuple(row["w"])] = row["fid"]
+            ctx.note(f"[resume] {len(cache)} scored candidates reused from {ckpt}")
+    if not cache:
+        atomic_write_text(ckpt, key + "\n")
+    order = [0]
+
+    def on_new(w, fid, phase):
+        with open(ckpt, "a") as f:
+            f.write(json.dumps({"w": list(w), "fid": fid}) + "\n")
+        order[0] += 1
+        ctx.run.log_metrics({"proxy_fid": fid}, step=order[0])
+        print(f"  candidate {order[0]:3d} {phase:8s} w=({', '.join(f'{x:.3f}' for x in w)})  proxy FID {fid:.4f}")
+
+    def score(w):
+        return fid_of_model(merged_model(base, vectors, w), seeds, cfg, space, ref, ctx.device,
+                            desc="merge candidate")
+
+    scorer = Scorer(score, cache, on_new)
+    pretrained_fid = scorer((0.0,) * d.n, "reference")  # all w = 0 is the pretrained model
+    if m.search == "coordinate":
+        best = coordinate_search(scorer, d.n, m.coarse, m.refine_step, m.refine_rounds, m.start, m.bounds)
+    else:
+        best = grid_search(scorer, d.n, m.coarse, m.refine_step, m.refine_rounds, m.bounds)
+    best_fid = scorer.cache[best]
+
+    merged = merged_model(base, vectors, best)
+    save_model(merged, paths.merged, cfg, method="deme-merged", weights=list(best), proxy_fid=best_fid)
+    import pandas as pd
+
+    table = pd.DataFrame([{**{f"w{i + 1}": w[i] for i in range(d.n)}, "proxy_fid": f, "phase": ph}
+                          for w, f, ph in scorer.rows])
+    table.insert(0, "candidate", range(1, len(table) + 1))
+    atomic_write_text(paths.curve("merge_search"), table.to_csv(index=False))
+    write_json(paths.metrics("merge"), {"weights": list(best), "proxy_fid": best_fid,
+                                        "proxy_fid_pretrained": pretrained_fid, "candidates": len(table),
+                                        "proxy_samples": m.proxy_samples, "search": m.search})
+    ctx.run.log_metrics({"best_proxy_fid": best_fid, "pretrained_proxy_fid": pretrained_fid})
+    ctx.run.log_params({"merged_weights": list(best)})
+    ctx.run.log_artifact(paths.curve("merge_search"), "search")
+    ctx.note(f"best weights {tuple(round(x, 3) for x in best)}: proxy FID {best_fid:.4f} "
+             f"(pretrained {pretrained_fid:.4f}; {len(table)} candidates)")
+    ckpt.unlink(missing_ok=True)
+    for p in (paths.merged, paths.curve("merge_search"), paths.metrics("merge")):
+        ctx.wrote(p)
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage("merge", __doc__, body, tags=lambda c, a: {"method": "deme-merged"},
+                       params=lambda c, a: {k: c.to_dict()[k] for k in ("seed", "merge", "sample", "deme")}))
