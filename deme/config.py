@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -330,14 +331,19 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             return int(value)
         raise ConfigError(key, f"expected an integer, got {type(value).__name__} {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads '1e-4' (no dot) as a string: accept numeric strings
+            number = float(value)
+        elif isinstance(value, str):  # PyYAML reads '1e-4' (no dot) as a string: accept numeric strings
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(key, f"expected a number, got {type(value).__name__} {value!r}")
+        if number is None:
+            raise ConfigError(key, f"expected a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(key, f"expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -367,6 +373,8 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
 def deep_update(base: dict, override: dict) -> dict:
     out = dict(base)
     for key, value in override.items():
+        if value is None and isinstance(out.get(key), dict):
+            continue  # an empty section ('finetune:' with every key commented out) keeps the preset
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = deep_update(out[key], value)
         else:

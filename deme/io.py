@@ -92,15 +92,16 @@ def derive_seed(base: int, *purpose: Any) -> int:
 # Per-image sampling seeds live in disjoint ranges by purpose, so the merge search and the final
 # evaluation never share initial noise (PAPER.md §1.8, selection-bias caveat).
 SEED_SPACES = {"eval": 0, "search": 1, "grid": 2, "analysis": 3}
-SEED_SPACE_SIZE = 100_000_000
+SEED_SPACE_SIZE = 10_000_000  # samples per (base seed, purpose)
 
 
 def sample_seeds(purpose: str, n: int, base: int = 0) -> range:
+    """Per-image seeds; the ranges of different (base, purpose) pairs never overlap."""
     if purpose not in SEED_SPACES:
         raise KeyError(f"unknown seed purpose {purpose!r}; known: {', '.join(SEED_SPACES)}")
-    if n > SEED_SPACE_SIZE // 10:
-        raise ValueError(f"{n} samples exceed the seed space of one purpose")
-    start = SEED_SPACES[purpose] * SEED_SPACE_SIZE + (base % 10) * (SEED_SPACE_SIZE // 10)
+    if n > SEED_SPACE_SIZE:
+        raise ValueError(f"{n} samples exceed the seed space of one purpose ({SEED_SPACE_SIZE})")
+    start = (int(base) * len(SEED_SPACES) + SEED_SPACES[purpose]) * SEED_SPACE_SIZE
     return range(start, start + n)
 
 

@@ -22,12 +22,13 @@ from torch import nn
 State = dict[str, torch.Tensor]
 
 
-def task_vector(finetuned: State, base: State) -> State:
+def task_vector(finetuned: State, base: State, dtype: torch.dtype = torch.float64) -> State:
+    """tau = theta_i - theta, formed in float64 by default so that theta + 1 * tau is exactly theta_i."""
     if finetuned.keys() != base.keys():
         missing = sorted(set(base) ^ set(finetuned))[:5]
         raise ValueError(f"task vector: the models have different parameters (e.g. {missing}); "
                          "were they trained with the same channel_projection setting?")
-    return {k: finetuned[k] - base[k] for k in base if base[k].is_floating_point()}
+    return {k: finetuned[k].to(dtype) - base[k].to(dtype) for k in base if base[k].is_floating_point()}
 
 
 def merge_states(base: State, vectors: Sequence[State], weights: Sequence[float]) -> State:

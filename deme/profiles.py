@@ -37,7 +37,7 @@ _TINY = {
                  "weight_decay": 0.0, "eps": 1e-8, "clip_grad_norm": 1.0, "ema_max_decay": 0.999,
                  "ema_power": 0.75, "ema_inv_gamma": 1.0, "precision": "no", "log_every": 50,
                  "ckpt_every": 500},
-    "featnet": {"iterations": 600, "batch_size": 128, "lr": 2e-3, "width": 32, "feature_dim": 64},
+    "featnet": {"iterations": 800, "batch_size": 128, "lr": 2e-3, "width": 32, "feature_dim": 64},
     # One budget shared by DeMe (per interval) and the plain control (N x iterations), PAPER.md §1.6.
     "finetune": {"iterations": 200, "batch_size": 64, "grad_accum": 1, "lr": 2e-4, **_FINETUNE_OPTIM,
                  "log_every": 10, "ckpt_every": 100},

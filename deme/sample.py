@@ -50,7 +50,7 @@ def ddim_timesteps(schedule: ScheduleConfig, steps: int) -> list[int]:
 
 @torch.inference_mode()
 def ddim_sample(model: nn.Module, noise: torch.Tensor, schedule: ScheduleConfig, steps: int = 50,
-                eta: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+                eta: float = 0.0, generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
     """DDIM from ``noise`` (on the model's device); returns samples in [-1, 1]."""
     from diffusers import DDIMScheduler
 
@@ -77,7 +77,9 @@ def generate(model: nn.Module, seeds: Sequence[int], schedule: ScheduleConfig, s
     for lo in range(0, len(seeds), sample.batch_size):
         batch = list(seeds[lo:lo + sample.batch_size])
         noise = initial_noise(batch, shape).to(device)
-        gen = torch.Generator(device=device).manual_seed(int(batch[0])) if sample.eta > 0 else None
+        # eta > 0: each image draws its step noise from its own generator (diffusers accepts a list)
+        gen = ([torch.Generator(device=device).manual_seed(int(s) + 1) for s in batch]
+               if sample.eta > 0 else None)
         x = ddim_sample(model, noise, schedule, steps or sample.steps, sample.eta, gen)
         bar.update(len(batch))
         yield to_uint8(x).cpu()

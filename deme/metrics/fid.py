@@ -48,6 +48,8 @@ def features(batches: Iterable[torch.Tensor], num: int, space: FeatureSpace, bat
         batch = next(it, None)
         if batch is None or len(batch) == 0:
             raise RuntimeError(f"{desc}: the image stream ended before {num} images")
+        if len(batch) > len(z):
+            raise ValueError(f"{desc}: a batch of {len(batch)} images exceeds batch_size {len(z)}")
         if len(batch) < len(z):  # the last batch: pad; clean-fid truncates to num_gen
             pad = torch.zeros((len(z) - len(batch),) + tuple(batch.shape[1:]), dtype=batch.dtype)
             batch = torch.cat([batch, pad])

@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny diffusers UNets (CPU, a few thousand parameters) and deterministic inputs."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the package is used from the checkout, not installed
+    sys.path.insert(0, str(ROOT))
+
+# The models here are tiny: one intra-op thread is as fast as two, and it avoids OpenMP barrier stalls
+# (10-100x slowdowns) when the two cores are shared with another busy process.
+torch.set_num_threads(1)
+
+
+def make_tiny_unet(sample_size: int = 8, seed: int = 0):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(sample_size=sample_size, in_channels=3, out_channels=3, block_out_channels=(8, 16),
+                       layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:
+    """Give every parameter non-trivial values (diffusers zero-initialises some output convs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.fixture
+def tiny_unet():
+    return make_tiny_unet()
+
+
+@pytest.fixture
+def random_images():
+    """uint8 [32, 8, 8, 3] images."""
+    g = torch.Generator().manual_seed(123)
+    return torch.randint(0, 256, (32, 8, 8, 3), generator=g, dtype=torch.uint8)

@@ -1,0 +1,115 @@
+"""The pipeline end to end: the real `dvc repro` of the micro profile in a temporary git repository.
+
+Checks outputs, metrics, the MLflow runs and their tags, that a second `dvc repro` does nothing, and that
+`dvc exp run -S` of a finetuning parameter reruns only what depends on it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def micro_repo(tmp_path_factory):
+    work = tmp_path_factory.mktemp("pipeline")
+    for name in ("dvc.yaml", "pyproject.toml", ".dvcignore", ".gitignore"):
+        shutil.copy(REPO / name, work / name)
+    for name in ("deme", "stages"):
+        shutil.copytree(REPO / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
+    (work / ".dvc").mkdir()
+    shutil.copy(REPO / ".dvc" / "config", work / ".dvc" / "config")
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
+    env["PYTHONWARNINGS"] = "ignore"
+    env.pop("DVC_EXP_NAME", None)
+    _run([sys.executable, "-m", "deme.profiles", "use", "micro"], work, env)
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "ci@example.com"],
+                ["git", "config", "user.name", "ci"], ["git", "add", "-A"], ["git", "commit", "-qm", "micro"]):
+        _run(cmd, work, env)
+    first = _run([sys.executable, "-m", "dvc", "repro"], work, env)
+    return work, env, first
+
+
+def _runs(work: Path) -> list:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("micro")
+    return client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def test_repro_writes_measured_metrics_and_report(micro_repo):
+    work, _, _ = micro_repo
+    for model in ("pretrained", "plain", "ensemble", "merged"):
+        m = json.loads((work / "metrics/micro/evaluate" / f"{model}.json").read_text())
+        assert math.isfinite(m["fid"]) and m["fid"] >= 0, (model, m)
+        assert m["num_samples"] == 64 and m["feature_net"] == "featnet"
+        assert (work / "samples/micro" / f"{model}.png").stat().st_size > 0
+    merge = json.loads((work / "metrics/micro/merge.json").read_text())
+    assert len(merge["weights"]) == 2 and merge["candidates"] >= 2
+    for i in (1, 2):
+        assert (work / f"models/micro/deme/interval-{i}/diffusion_pytorch_model.safetensors").exists()
+    report = (work / "reports/micro/report.md").read_text()
+    assert "Table 1" in report and "(paper)" in report and "(ours)" in report
+    fid = json.loads((work / "metrics/micro/evaluate/merged.json").read_text())["fid"]
+    assert f"{fid:.3f}" in report  # the report shows the measured number
+
+
+def test_one_mlflow_run_per_stage_with_tags(micro_repo):
+    work, _, _ = micro_repo
+    runs = _runs(work)
+    names = sorted(r.info.run_name for r in runs)
+    expected = sorted(["data", "featnet", "fid_ref", "pretrain", "finetune@interval-1", "finetune@interval-2",
+                       "finetune@plain", "merge", "evaluate@pretrained", "evaluate@plain", "evaluate@ensemble",
+                       "evaluate@merged", "report"])
+    assert names == expected
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        for tag in ("stage", "profile", "git_commit", "dvc_exp"):
+            assert tag in r.data.tags, (r.info.run_name, tag)
+        assert r.data.tags["profile"] == "micro"
+        assert len(r.data.tags["git_commit"]) == 40
+    ev = next(r for r in runs if r.info.run_name == "evaluate@merged")
+    assert "fid" in ev.data.metrics
+    ft = next(r for r in runs if r.info.run_name == "finetune@interval-1")
+    assert {"loss", "loss_eps", "loss_consistency"} <= set(ft.data.metrics)
+
+
+def test_second_repro_does_nothing(micro_repo):
+    work, env, _ = micro_repo
+    before = len(_runs(work))
+    out = _run([sys.executable, "-m", "dvc", "repro"], work, env)
+    assert "Running stage" not in out.stdout
+    assert len(_runs(work)) == before
+
+
+def test_exp_run_set_param_reruns_only_dependents(micro_repo):
+    work, env, _ = micro_repo
+    _run(["git", "add", "-A"], work, env)
+    _run(["git", "commit", "-qm", "outputs"], work, env)
+    out = _run([sys.executable, "-m", "dvc", "exp", "run", "-S", "finetune.lr=0.0005"], work, env)
+    ran = {line.split("'")[1] for line in out.stdout.splitlines() if line.startswith("Running stage")}
+    assert {"finetune@1", "finetune@2", "finetune_plain", "merge", "evaluate@merged", "report"} <= ran
+    assert not ran & {"data", "featnet", "fid_ref", "pretrain", "evaluate@pretrained"}
+    show = _run([sys.executable, "-m", "dvc", "exp", "show", "--json"], work, env)
+    assert "fid" in show.stdout
+    exp_runs = [r for r in _runs(work) if r.data.tags.get("dvc_exp")]
+    assert exp_runs and {r.data.tags["stage"] for r in exp_runs} >= {"finetune", "merge", "evaluate"}
