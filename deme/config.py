@@ -121,6 +121,8 @@ class TrainConfig:
     batch_size: int = 64  # micro-batch
     grad_accum: int = 1
     lr: float = 2e-4
+    lr_schedule: str = "constant"  # constant (PAPER.md §1.6) | cosine (decay to 0; the tiny pretraining)
+    lr_warmup: int = 0  # linear warm-up steps
     betas: list[float] = field(default_factory=lambda: [0.95, 0.999])
     weight_decay: float = 1e-6
     eps: float = 1e-8
@@ -137,6 +139,8 @@ class TrainConfig:
         _check(f"{k}.batch_size", self.batch_size >= 1, f"must be >= 1, got {self.batch_size}")
         _check(f"{k}.grad_accum", self.grad_accum >= 1, f"must be >= 1, got {self.grad_accum}")
         _check(f"{k}.lr", 0 < self.lr < 1, f"must be in (0, 1), got {self.lr}")
+        _choice(f"{k}.lr_schedule", self.lr_schedule, ("constant", "cosine"))
+        _check(f"{k}.lr_warmup", 0 <= self.lr_warmup < self.iterations, "must be in [0, iterations)")
         _check(f"{k}.betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
                f"must be two numbers in [0, 1), got {self.betas}")
         _check(f"{k}.weight_decay", self.weight_decay >= 0, "must be >= 0")
@@ -176,6 +180,95 @@ class DeMeConfig:
         _check(f"{k}.p", 0 <= self.p <= 1, f"must be in [0, 1], got {self.p}")
         _choice(f"{k}.ps_granularity", self.ps_granularity, ("batch", "sample"))
         _check(f"{k}.consistency_weight", self.consistency_weight >= 0, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class ReweightConfig:
+    """A loss-reweighting baseline (PAPER.md §2.1): SNR+1 and truncated SNR have no hyperparameter."""
+
+    normalize: bool = False  # rescale lambda_eps to mean 1 over t (off: the formulas as written)
+
+    def validate(self, k: str) -> None:
+        for name in ("gamma", "k"):
+            if hasattr(self, name):
+                _check(f"{k}.{name}", getattr(self, name) > 0, "must be > 0")
+
+    def hparams(self) -> dict[str, float]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "normalize"}
+
+
+@dataclass(frozen=True)
+class MinSNRConfig(ReweightConfig):
+    gamma: float = 5.0
+
+
+@dataclass(frozen=True)
+class P2Config(ReweightConfig):
+    k: float = 1.0
+    gamma: float = 1.0
+
+
+@dataclass(frozen=True)
+class ANTUWConfig:
+    """ANT-UW (PAPER.md §2.2): K uniform interval tasks, learnable log-variances."""
+
+    num_tasks: int = 5
+    uw_lr: float = 0.025  # the log-variances' own learning rate
+
+    def validate(self, k: str, num_train_timesteps: int = 1000) -> None:
+        _check(f"{k}.num_tasks", self.num_tasks >= 2 and num_train_timesteps % self.num_tasks == 0,
+               f"must be >= 2 and divide T={num_train_timesteps}, got {self.num_tasks}")
+        _check(f"{k}.uw_lr", 0 < self.uw_lr < 1, "must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class ANTNashConfig:
+    """ANT-NashMTL (PAPER.md §2.2): K uniform interval tasks, Nash-bargaining task weights."""
+
+    num_tasks: int = 5
+    update_every: int = 25  # solve for the task weights every this many steps
+
+    def validate(self, k: str, num_train_timesteps: int = 1000) -> None:
+        _check(f"{k}.num_tasks", self.num_tasks >= 2 and num_train_timesteps % self.num_tasks == 0,
+               f"must be >= 2 and divide T={num_train_timesteps}, got {self.num_tasks}")
+        _check(f"{k}.update_every", self.update_every >= 1, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class DiffTuningConfig:
+    """Diff-Tuning (PAPER.md §6.2-6.3): retention buffer sampled from the pretrained model, or KD."""
+
+    variant: str = "buffer"  # buffer | kd
+    buffer_size: int = 1000  # 5K images in the Diff-Tuning rebuttal
+    buffer_steps: int = 50  # DDIM steps that generate the buffer (250 in the paper)
+    kd_weight: float = 0.05
+
+    def validate(self, k: str) -> None:
+        _choice(f"{k}.variant", self.variant, ("buffer", "kd"))
+        _check(f"{k}.buffer_size", self.buffer_size >= 1, "must be >= 1")
+        _check(f"{k}.buffer_steps", 1 <= self.buffer_steps <= 1000, "must be in [1, 1000]")
+        _check(f"{k}.kd_weight", self.kd_weight >= 0, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class BaselinesConfig:
+    """Baselines at the plain control's budget: N x finetune.iterations on all timesteps (PAPER.md §2)."""
+
+    seeds: int = 1  # training seeds per single-model method (plain control and baselines)
+    min_snr: MinSNRConfig = field(default_factory=MinSNRConfig)
+    p2: P2Config = field(default_factory=P2Config)
+    snr_plus_one: ReweightConfig = field(default_factory=ReweightConfig)
+    trunc_snr: ReweightConfig = field(default_factory=ReweightConfig)
+    ant_uw: ANTUWConfig = field(default_factory=ANTUWConfig)
+    ant_nash: ANTNashConfig = field(default_factory=ANTNashConfig)
+    difftuning: DiffTuningConfig = field(default_factory=DiffTuningConfig)
+
+    def validate(self, k: str, num_train_timesteps: int = 1000) -> None:
+        _check(f"{k}.seeds", 1 <= self.seeds <= 100, "must be in [1, 100]")
+        for name in ("min_snr", "p2", "snr_plus_one", "trunc_snr", "difftuning"):
+            getattr(self, name).validate(f"{k}.{name}")
+        for name in ("ant_uw", "ant_nash"):
+            getattr(self, name).validate(f"{k}.{name}", num_train_timesteps)
 
 
 @dataclass(frozen=True)
@@ -269,6 +362,7 @@ class Config:
     featnet: FeatNetConfig = field(default_factory=FeatNetConfig)
     finetune: TrainConfig = field(default_factory=TrainConfig)
     deme: DeMeConfig = field(default_factory=DeMeConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     fid: FIDConfig = field(default_factory=FIDConfig)
@@ -281,8 +375,8 @@ class Config:
         _check("seed", 0 <= self.seed < 2**31, "must be in [0, 2^31)")
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
-            if f.name == "deme":
-                section.validate("deme", self.schedule.num_train_timesteps)
+            if f.name in ("deme", "baselines"):
+                section.validate(f.name, self.schedule.num_train_timesteps)
             elif dataclasses.is_dataclass(section):
                 section.validate(f.name)
 

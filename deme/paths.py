@@ -42,9 +42,13 @@ class Paths:
     def interval(self, i: int) -> Path:
         return self.deme_dir / f"interval-{i}"
 
+    def method(self, name: str) -> Path:
+        """A single-model method's directory, one ``seed-<s>`` model per training seed."""
+        return self._p("models", self.profile, name if name == "plain" else f"baselines/{name}")
+
     @property
-    def plain(self) -> Path:
-        return self._p("models", self.profile, "plain")
+    def buffer(self) -> Path:
+        return self._p("buffers", self.profile, "difftuning.npz")
 
     @property
     def merged(self) -> Path:

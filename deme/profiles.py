@@ -44,6 +44,15 @@ _TINY = {
     "deme": {"intervals": [1, 2, 3, 4], "p": 0.4, "probabilistic_sampling": True, "ps_granularity": "batch",
              "antithetic": True, "consistency_loss": True, "consistency_weight": 1.0,
              "channel_projection": True},
+    # Baselines finetune on all timesteps for N x finetune.iterations (matched budget, PAPER.md §2).
+    "baselines": {"seeds": 1,
+                  "min_snr": {"gamma": 5.0, "normalize": False},
+                  "p2": {"k": 1.0, "gamma": 1.0, "normalize": False},
+                  "snr_plus_one": {"normalize": False},
+                  "trunc_snr": {"normalize": False},
+                  "ant_uw": {"num_tasks": 5, "uw_lr": 0.025},
+                  "ant_nash": {"num_tasks": 5, "update_every": 25},
+                  "difftuning": {"variant": "buffer", "buffer_size": 1000, "buffer_steps": 50, "kd_weight": 0.05}},
     "merge": {"search": "coordinate", "coarse": [0.0, 0.5, 1.0], "refine_step": 0.25, "refine_rounds": 1,
               "start": 1.0, "bounds": [0.0, 1.5], "proxy_samples": 256},
     "sample": {"sampler": "ddim", "steps": 50, "eta": 0.0, "batch_size": 250, "num_samples": 1000,
@@ -64,6 +73,8 @@ def _micro() -> dict:
     p["featnet"].update(iterations=40, batch_size=64, width=8, feature_dim=16)
     p["finetune"].update(iterations=6, batch_size=16, log_every=2, ckpt_every=3)
     p["deme"]["intervals"] = [1, 2]
+    p["baselines"]["difftuning"].update(buffer_size=32, buffer_steps=5)
+    p["baselines"]["ant_nash"]["update_every"] = 2
     p["merge"].update(coarse=[0.0, 1.0], refine_rounds=0, proxy_samples=32)
     p["sample"].update(steps=5, batch_size=64, num_samples=64, grid_size=16)
     return p

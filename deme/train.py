@@ -10,6 +10,7 @@ run resumed from a checkpoint continues exactly as an uninterrupted one would.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -61,6 +62,16 @@ class BatchStream:
         return to_model_range(self.images[idx])
 
 
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of the base LR at optimizer step ``step``: linear warm-up, then constant or cosine to 0."""
+    if step < cfg.lr_warmup:
+        return (step + 1) / cfg.lr_warmup
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    progress = (step - cfg.lr_warmup) / max(1, cfg.iterations - cfg.lr_warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
 def train(model: nn.Module, objective, images: torch.Tensor, cfg: TrainConfig, *, seed: int,
           device: torch.device, ckpt_dir: str | Path | None = None, fingerprint: str = "",
           log: LogFn | None = None, desc: str = "train") -> nn.Module:
@@ -74,16 +85,22 @@ def train(model: nn.Module, objective, images: torch.Tensor, cfg: TrainConfig, *
     params += getattr(objective, "param_groups", lambda: [])()  # e.g. ANT-UW log-variances
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                                   weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     model.to(acc.device)
     ema = EMAModel(model.parameters(), decay=cfg.ema_max_decay, use_ema_warmup=True,
                    inv_gamma=cfg.ema_inv_gamma, power=cfg.ema_power)
     model, optimizer = acc.prepare(model, optimizer)
+    if isinstance(objective, nn.Module):
+        objective.to(acc.device)
     if getattr(objective, "teacher", None) is not None:
         objective.teacher.to(acc.device)
     stream = BatchStream(images, cfg.batch_size, derive_seed(seed, "data", acc.process_index))
 
     ckpt_dir = Path(ckpt_dir) if ckpt_dir and cfg.ckpt_every else None
-    start = _load_checkpoint(ckpt_dir, fingerprint, acc.unwrap_model(model), ema, optimizer) if ckpt_dir else 0
+    start = (_load_checkpoint(ckpt_dir, fingerprint, acc.unwrap_model(model), ema, optimizer, objective)
+             if ckpt_dir else 0)
+    for _ in range(start):  # the LR schedule is a function of the step: fast-forward it on resume
+        scheduler.step()
 
     model.train()
     window: dict[str, list[float]] = {}
@@ -105,6 +122,8 @@ def train(model: nn.Module, objective, images: torch.Tensor, cfg: TrainConfig, *
                 if acc.sync_gradients and cfg.clip_grad_norm > 0:
                     acc.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
                 optimizer.step()
+                if acc.sync_gradients:
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             for k, v in terms.items():
                 window.setdefault(k, []).append(float(v))
@@ -114,13 +133,14 @@ def train(model: nn.Module, objective, images: torch.Tensor, cfg: TrainConfig, *
         if done % cfg.log_every == 0 or done == cfg.iterations:
             metrics = {k: sum(v) / len(v) for k, v in window.items()}
             metrics["ema_decay"] = ema.cur_decay_value or 0.0
+            metrics["lr"] = scheduler.get_last_lr()[0]
             metrics["images_per_s"] = seen * acc.num_processes / max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}")
             if log is not None and acc.is_main_process:
                 log(metrics, done)
             window, t0, seen = {}, time.perf_counter(), 0
         if ckpt_dir and done % cfg.ckpt_every == 0 and done < cfg.iterations and acc.is_main_process:
-            _save_checkpoint(ckpt_dir, done, fingerprint, acc.unwrap_model(model), ema, optimizer)
+            _save_checkpoint(ckpt_dir, done, fingerprint, acc.unwrap_model(model), ema, optimizer, objective)
     bar.close()
 
     final = acc.unwrap_model(model)
@@ -132,7 +152,8 @@ def train(model: nn.Module, objective, images: torch.Tensor, cfg: TrainConfig, *
 # Resumable checkpoints: safetensors for weights, weights_only torch.load for optimizer state.
 
 
-def _save_checkpoint(path: Path, step: int, fingerprint: str, model: nn.Module, ema, optimizer) -> None:
+def _save_checkpoint(path: Path, step: int, fingerprint: str, model: nn.Module, ema, optimizer,
+                     objective=None) -> None:
     from safetensors.torch import save_file
 
     with atomic_dir(path) as tmp:
@@ -141,11 +162,13 @@ def _save_checkpoint(path: Path, step: int, fingerprint: str, model: nn.Module, 
         save_file({str(i): p.detach().contiguous().cpu() for i, p in enumerate(ema.shadow_params)},
                   str(tmp / "ema.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        extra = getattr(objective, "extra_state", None)  # e.g. ANT's Nash weights and step counter
         write_json(tmp / "state.json", {"step": step, "fingerprint": fingerprint,
-                                         "ema_optimization_step": ema.optimization_step})
+                                         "ema_optimization_step": ema.optimization_step,
+                                         "objective": extra() if extra else None})
 
 
-def _load_checkpoint(path: Path, fingerprint: str, model: nn.Module, ema, optimizer) -> int:
+def _load_checkpoint(path: Path, fingerprint: str, model: nn.Module, ema, optimizer, objective=None) -> int:
     from safetensors.torch import load_file
 
     state_file = path / "state.json"
@@ -163,6 +186,8 @@ def _load_checkpoint(path: Path, fingerprint: str, model: nn.Module, ema, optimi
             p.data.copy_(shadow[str(i)].to(p.device))
         ema.optimization_step = state["ema_optimization_step"]
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        if state.get("objective") is not None:
+            objective.load_extra_state(state["objective"])
     except Exception as e:
         raise RuntimeError(f"{path}: corrupt or truncated training checkpoint ({e}); "
                            f"delete the folder to start the stage over") from None

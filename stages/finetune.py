@@ -1,10 +1,17 @@
-"""Stage `finetune`: DeMe interval finetuning (`--interval i`) or the plain-finetuning control (`--plain`).
+"""Stage `finetune`: DeMe interval finetuning (`--interval i`), or one single-model method (`--method`).
 
 DeMe (PAPER.md §1.2-1.6): model i starts from the pretrained weights (+ identity channel-wise projections)
 and trains on its interval I_i = [(i-1)T/N, iT/N) with probabilistic timestep sampling (p = probability of
 a global draw) and the consistency loss towards the frozen pretrained model; each technique has a switch
-in params `deme`. The plain control finetunes the pretrained model on all timesteps for N x the
-per-interval iterations, with the same optimiser, EMA and data: the honest "trained longer" baseline.
+in params `deme`.
+
+Single-model methods finetune the pretrained model on all timesteps at a matched budget: N x
+`finetune.iterations` with the same optimiser, EMA and data as DeMe (PAPER.md §2), once per training seed
+(`baselines.seeds`):
+  plain         the control: plain epsilon-MSE ("trained longer")
+  min_snr, p2, snr_plus_one, trunc_snr     loss reweighting (§2.1, params baselines.<method>)
+  ant_uw, ant_nash                         ANT multi-task optimisers over K timestep intervals (§2.2)
+  difftuning    Diff-Tuning with the retention buffer of the `buffer` stage, or its KD variant (§6)
 Resumable from .ckpt/ after a crash.
 """
 import sys
@@ -14,15 +21,48 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deme.cli import StageError, run_stage  # noqa: E402
 
+METHODS = ("plain", "min_snr", "p2", "snr_plus_one", "trunc_snr", "ant_uw", "ant_nash", "difftuning")
+
 
 def add_args(ap):
     g = ap.add_mutually_exclusive_group(required=True)
     g.add_argument("--interval", type=int, help="DeMe interval index i in 1..N")
-    g.add_argument("--plain", action="store_true", help="plain finetuning on all timesteps (N x iterations)")
+    g.add_argument("--method", choices=METHODS, help="a single-model method on all timesteps (N x iterations)")
 
 
 def item(args):
-    return "plain" if args.plain else f"interval-{args.interval}"
+    return args.method or f"interval-{args.interval}"
+
+
+def make_objective(cfg, method, paths):
+    """The per-batch loss of a single-model method."""
+    import torch
+
+    from deme.data import load_set
+    from deme.models import frozen_teacher
+    from deme.objectives import ANTObjective, DiffTuningObjective, EpsObjective
+    from deme.schedule import alphas_cumprod
+    from deme.train import to_model_range
+    from deme.weighting import epsilon_weights
+
+    ab, T, b = alphas_cumprod(cfg.schedule).float(), cfg.schedule.num_train_timesteps, cfg.baselines
+    if method == "plain":
+        return EpsObjective(ab, 0, T, antithetic=cfg.deme.antithetic)
+    if method in ("min_snr", "p2", "snr_plus_one", "trunc_snr"):
+        h = getattr(b, method)
+        w = epsilon_weights(method, alphas_cumprod(cfg.schedule), normalize=h.normalize, **h.hparams())
+        return EpsObjective(ab, 0, T, antithetic=cfg.deme.antithetic, weights=w.float())
+    if method == "ant_uw":
+        return ANTObjective(ab, b.ant_uw.num_tasks, "uw", uw_lr=b.ant_uw.uw_lr)
+    if method == "ant_nash":
+        return ANTObjective(ab, b.ant_nash.num_tasks, "nash", update_every=b.ant_nash.update_every)
+    d = b.difftuning
+    if d.variant == "kd":
+        return DiffTuningObjective(ab, variant="kd", teacher=frozen_teacher(cfg), kd_weight=d.kd_weight)
+    buffer = load_set(paths.buffer)["images"]
+    if len(buffer) != d.buffer_size:
+        raise StageError(f"{paths.buffer} holds {len(buffer)} images, params say {d.buffer_size}: dvc repro buffer")
+    return DiffTuningObjective(ab, variant="buffer", buffer=to_model_range(torch.as_tensor(buffer)))
 
 
 def body(ctx):
@@ -44,52 +84,64 @@ def body(ctx):
 
     cfg, args, paths = ctx.cfg, ctx.args, Paths(ctx.cfg.profile)
     d, T = cfg.deme, cfg.schedule.num_train_timesteps
-    ab = alphas_cumprod(cfg.schedule).float()
-    model = load_pretrained(cfg)
-    if args.plain:
-        name, out = "plain", paths.plain
-        budget = dataclasses.replace(cfg.finetune, iterations=cfg.finetune.iterations * d.n)
-        objective = EpsObjective(ab, 0, T, p=0.0, antithetic=d.antithetic)
-        meta = {"method": "plain", "interval": None}
+    images = torch.as_tensor(load_images(paths.train))
+    settings = cfg.to_dict()
+    if args.method:
+        name, budget = args.method, dataclasses.replace(cfg.finetune, iterations=cfg.finetune.iterations * d.n)
+        runs = [(s, paths.method(name) / f"seed-{s}") for s in range(cfg.baselines.seeds)]
+        meta = {"method": name, "interval": None}
+        key = [settings["finetune"], settings["baselines"].get(name), d.n]
+        ctx.note(f"{name}: all timesteps, {budget.iterations} iterations (= {d.n} x {cfg.finetune.iterations}), "
+                 f"{len(runs)} seed(s)")
     else:
         i = args.interval
         if i not in d.intervals:
             raise StageError(f"--interval {i} is not in deme.intervals {d.intervals}")
-        name, out, budget = f"interval-{i}", paths.interval(i), cfg.finetune
+        name, budget, runs = f"interval-{i}", cfg.finetune, [(None, paths.interval(i))]
         lo, hi = interval_bounds(i, d.n, T)
-        if d.channel_projection:
-            add_channel_projection(model)
-        teacher = frozen_teacher(cfg) if d.consistency_loss and d.consistency_weight > 0 else None
-        objective = EpsObjective(ab, lo, hi, p=d.p if d.probabilistic_sampling else 0.0,
-                                 granularity=d.ps_granularity, antithetic=d.antithetic, teacher=teacher,
-                                 consistency_weight=d.consistency_weight)
         meta = {"method": "deme", "interval": i, "bounds": [lo, hi], "N": d.n}
-        ctx.note(f"interval {i}/{d.n}: t in [{lo}, {hi}), p={objective.p}, consistency={teacher is not None}, "
-                 f"projection={d.channel_projection}")
-    seed = derive_seed(cfg.seed, "finetune", name)
-    curve, ckpt = CurveLog(ctx.run), paths.ckpt(f"finetune-{name}")
-    t0 = time.perf_counter()
-    model = train(model, objective, torch.as_tensor(load_images(paths.train)), budget, seed=seed,
-                  device=ctx.device, ckpt_dir=ckpt, log=curve, desc=f"finetune@{name}",
-                  fingerprint=json.dumps([cfg.to_dict()["finetune"], cfg.to_dict()["deme"], name, seed]))
-    wall = time.perf_counter() - t0
-    save_model(model, out, cfg, seed=seed, steps=budget.iterations, **meta)
+        key = [settings["finetune"], settings["deme"]]
+        ctx.note(f"interval {i}/{d.n}: t in [{lo}, {hi}), p={d.p if d.probabilistic_sampling else 0.0}, "
+                 f"consistency={d.consistency_loss and d.consistency_weight > 0}, projection={d.channel_projection}")
+
+    curve, walls, losses = CurveLog(ctx.run), [], []
+    for s, out in runs:
+        model = load_pretrained(cfg)
+        if args.method:
+            objective = make_objective(cfg, name, paths)
+        else:
+            if d.channel_projection:
+                add_channel_projection(model)
+            teacher = frozen_teacher(cfg) if d.consistency_loss and d.consistency_weight > 0 else None
+            objective = EpsObjective(alphas_cumprod(cfg.schedule).float(), lo, hi,
+                                     p=d.p if d.probabilistic_sampling else 0.0, granularity=d.ps_granularity,
+                                     antithetic=d.antithetic, teacher=teacher, consistency_weight=d.consistency_weight)
+        seed = derive_seed(cfg.seed, "finetune", name, *([] if s is None else [s]))
+        label = name if s is None else f"{name}-seed{s}"
+        ckpt = paths.ckpt(f"finetune-{label}")
+        log = curve if not s else None  # curves of the first seed
+        t0 = time.perf_counter()
+        model = train(model, objective, images, budget, seed=seed, device=ctx.device, ckpt_dir=ckpt, log=log,
+                      desc=f"finetune@{label}", fingerprint=json.dumps([key, name, s, seed]))
+        walls.append(time.perf_counter() - t0)
+        save_model(model, out, cfg, seed=seed, steps=budget.iterations, **meta,
+                   **({} if s is None else {"seed_index": s}))
+        clear_checkpoint(ckpt)
+        losses.append(curve.rows[-1]["loss_eps"] if curve.rows else float("nan"))
+        ctx.wrote(out)
     curve.save(paths.curve(f"finetune-{name}"))
-    last = curve.rows[-1]
-    write_json(paths.metrics("train", name), {"loss": last["loss"], "loss_eps": last["loss_eps"],
-                                              "wall_s": wall, "iterations": budget.iterations,
-                                              "parameters": count_parameters(model)})
-    ctx.run.log_metrics({"wall_s": wall})
-    clear_checkpoint(ckpt)
-    for p in (out, paths.curve(f"finetune-{name}"), paths.metrics("train", name)):
+    write_json(paths.metrics("train", name), {
+        "loss_eps": losses[0], "wall_s": sum(walls) / len(walls), "wall_s_per_seed": walls,
+        "iterations": budget.iterations, "seeds": len(runs), "parameters": count_parameters(model)})
+    ctx.run.log_metrics({"wall_s": sum(walls) / len(walls)})
+    for p in (paths.curve(f"finetune-{name}"), paths.metrics("train", name)):
         ctx.wrote(p)
 
 
 def tags(cfg, args):
-    return {"method": "plain" if args.plain else "deme", "interval": "all" if args.plain else args.interval,
-            "seed": cfg.seed}
+    return {"method": args.method or "deme", "interval": "all" if args.method else args.interval, "seed": cfg.seed}
 
 
 if __name__ == "__main__":
     sys.exit(run_stage("finetune", __doc__, body, add_args=add_args, item=item, tags=tags,
-                       params=lambda c, a: {k: c.to_dict()[k] for k in ("seed", "finetune", "deme")}))
+                       params=lambda c, a: {k: c.to_dict()[k] for k in ("seed", "finetune", "deme", "baselines")}))

@@ -71,6 +71,9 @@ def body(ctx):
         return fid_of_model(merged_model(base, vectors, w), seeds, cfg, space, ref, ctx.device,
                             desc="merge candidate")
 
+    import time
+
+    t0 = time.perf_counter()
     scorer = Scorer(score, cache, on_new)
     pretrained_fid = scorer((0.0,) * d.n, "reference")  # all w = 0 is the pretrained model
     if m.search == "coordinate":
@@ -89,7 +92,8 @@ def body(ctx):
     atomic_write_text(paths.curve("merge_search"), table.to_csv(index=False))
     write_json(paths.metrics("merge"), {"weights": list(best), "proxy_fid": best_fid,
                                         "proxy_fid_pretrained": pretrained_fid, "candidates": len(table),
-                                        "proxy_samples": m.proxy_samples, "search": m.search})
+                                        "proxy_samples": m.proxy_samples, "search": m.search,
+                                        "wall_s": time.perf_counter() - t0})
     ctx.run.log_metrics({"best_proxy_fid": best_fid, "pretrained_proxy_fid": pretrained_fid})
     ctx.run.log_params({"merged_weights": list(best)})
     ctx.run.log_artifact(paths.curve("merge_search"), "search")

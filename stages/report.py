@@ -34,9 +34,11 @@ def body(ctx):
     out_dir = Path("reports") / prof
     with atomic_dir(out_dir) as tmp:
         figs = {"curves": figures.training_curves(Path("plots") / prof, tmp / "training_curves.png"),
+                "weights": figures.weightings(tmp / "weightings.png"),
                 "search": figures.merge_search(Path("plots") / prof / "merge_search.csv", tmp / "merge_search.png")}
         grids = []
-        for name in ("data", "pretrained", "plain", "ensemble", "merged"):
+        for name in ("data", "pretrained", "plain", "ensemble", "merged", "min_snr", "p2", "snr_plus_one",
+                     "trunc_snr", "ant_uw", "ant_nash", "difftuning", "buffer"):
             src = Path("samples") / prof / f"{name}.png"
             if src.exists():
                 shutil.copy(src, tmp / f"samples_{name}.png")
@@ -44,6 +46,9 @@ def body(ctx):
         fid = collect_fid(metrics, [prof])[prof]
         feat, ref = read(prof, "featnet.json"), read(prof, "fid_ref.json")
         ev = {k: read(prof, "evaluate", f"{k}.json") for k in ("pretrained", "plain", "ensemble", "merged")}
+        baselines = ("min_snr", "p2", "snr_plus_one", "trunc_snr", "ant_uw", "ant_nash", "difftuning")
+        measured = [b for b in baselines if b in fid and fid[b] == fid[b]]
+        beat = [b for b in measured if fid[b] < fid.get("plain", float("nan"))]
 
         def verdict(a, b):
             if any(k not in fid or fid[k] != fid[k] for k in (a, b)):
@@ -74,10 +79,17 @@ def body(ctx):
             f"- DeMe merged beats the plain-finetuning control: {verdict('merged', 'plain')}",
             f"- DeMe ensemble beats the pretrained model: {verdict('ensemble', 'pretrained')}",
             f"- DeMe merged beats the ensemble (the paper's DDPM claim): {verdict('merged', 'ensemble')}",
+            f"- baselines that beat the plain-finetuning control: "
+            f"{', '.join(beat) if beat else 'none'} (of {len(measured)} measured)",
             "",
-            "Rows of the paper's Table 1 that this profile does not run yet (the paper's numbers only):",
+            "All single-model methods train on all timesteps for N x the per-interval iterations with the same "
+            "optimiser, EMA, data and seeds (matched budget); wall times are per training seed on this machine.",
             "",
-            paper_only_rows(),
+            *(["Rows of the paper's Table 1 that this profile does not run (the paper's numbers only):", "",
+               paper_only_rows(), ""] if paper_only_rows() else []),
+            "### Loss weightings of the baselines (PAPER.md §2.1)",
+            "",
+            "![weightings](weightings.png)",
             "",
             "## Merge-weight search",
             "",

@@ -58,7 +58,8 @@ def _runs(work: Path) -> list:
 
 def test_repro_writes_measured_metrics_and_report(micro_repo):
     work, _, _ = micro_repo
-    for model in ("pretrained", "plain", "ensemble", "merged"):
+    for model in ("pretrained", "plain", "ensemble", "merged", "min_snr", "p2", "snr_plus_one", "trunc_snr",
+                  "ant_uw", "ant_nash", "difftuning"):
         m = json.loads((work / "metrics/micro/evaluate" / f"{model}.json").read_text())
         assert math.isfinite(m["fid"]) and m["fid"] >= 0, (model, m)
         assert m["num_samples"] == 64 and m["feature_net"] == "featnet"
@@ -71,15 +72,19 @@ def test_repro_writes_measured_metrics_and_report(micro_repo):
     assert "Table 1" in report and "(paper)" in report and "(ours)" in report
     fid = json.loads((work / "metrics/micro/evaluate/merged.json").read_text())["fid"]
     assert f"{fid:.3f}" in report  # the report shows the measured number
+    for label in ("Min-SNR-γ", "P2 weighting", "SNR+1", "Trun-SNR", "ANT-UW", "ANT-NashMTL", "Diff-Tuning"):
+        assert label in report
+    assert (work / "reports/micro/weightings.png").stat().st_size > 0
 
 
 def test_one_mlflow_run_per_stage_with_tags(micro_repo):
     work, _, _ = micro_repo
     runs = _runs(work)
     names = sorted(r.info.run_name for r in runs)
+    single = ["plain", "min_snr", "p2", "snr_plus_one", "trunc_snr", "ant_uw", "ant_nash", "difftuning"]
     expected = sorted(["data", "featnet", "fid_ref", "pretrain", "finetune@interval-1", "finetune@interval-2",
-                       "finetune@plain", "merge", "evaluate@pretrained", "evaluate@plain", "evaluate@ensemble",
-                       "evaluate@merged", "report"])
+                       "buffer", "merge", "evaluate@pretrained", "evaluate@ensemble", "evaluate@merged", "report"]
+                      + [f"finetune@{m}" for m in single] + [f"evaluate@{m}" for m in single])
     assert names == expected
     for r in runs:
         assert r.info.status == "FINISHED"
@@ -101,15 +106,35 @@ def test_second_repro_does_nothing(micro_repo):
     assert len(_runs(work)) == before
 
 
-def test_exp_run_set_param_reruns_only_dependents(micro_repo):
+def _stale(work: Path, env: dict) -> set[str]:
+    out = _run([sys.executable, "-m", "dvc", "status", "--json"], work, env)
+    return set(json.loads(out.stdout or "{}"))
+
+
+def test_finetune_param_makes_exactly_its_dependents_stale(micro_repo):
+    work, env, _ = micro_repo
+    params = work / "params.yaml"
+    original = params.read_text()
+    try:
+        params.write_text(original.replace("  lr: 0.0002\n", "  lr: 0.0005\n", 1))
+        assert params.read_text() != original
+        stale = _stale(work, env)
+        assert {"finetune@1", "finetune@2", "finetune_plain", "finetune_baseline@p2", "finetune_difftuning"} <= stale
+        assert not stale & {"data", "featnet", "fid_ref", "pretrain", "buffer", "evaluate@pretrained"}
+    finally:
+        params.write_text(original)
+    assert _stale(work, env) == set()
+
+
+def test_exp_run_of_one_baseline_hparam_reruns_only_that_baseline(micro_repo):
     work, env, _ = micro_repo
     _run(["git", "add", "-A"], work, env)
     _run(["git", "commit", "-qm", "outputs"], work, env)
-    out = _run([sys.executable, "-m", "dvc", "exp", "run", "-S", "finetune.lr=0.0005"], work, env)
+    out = _run([sys.executable, "-m", "dvc", "exp", "run", "-S", "baselines.p2.gamma=2.0"], work, env)
     ran = {line.split("'")[1] for line in out.stdout.splitlines() if line.startswith("Running stage")}
-    assert {"finetune@1", "finetune@2", "finetune_plain", "merge", "evaluate@merged", "report"} <= ran
-    assert not ran & {"data", "featnet", "fid_ref", "pretrain", "evaluate@pretrained"}
+    assert ran == {"finetune_baseline@p2", "evaluate@p2", "report"}
     show = _run([sys.executable, "-m", "dvc", "exp", "show", "--json"], work, env)
     assert "fid" in show.stdout
     exp_runs = [r for r in _runs(work) if r.data.tags.get("dvc_exp")]
-    assert exp_runs and {r.data.tags["stage"] for r in exp_runs} >= {"finetune", "merge", "evaluate"}
+    assert {r.data.tags["stage"] for r in exp_runs} == {"finetune", "evaluate", "report"}
+    assert all(r.data.tags["dvc_exp"] == exp_runs[0].data.tags["dvc_exp"] for r in exp_runs)

@@ -5,6 +5,10 @@
 Plain finetuning is the same objective on the whole range [0, T) with p = 0 and no teacher, so the
 ablations of Table 3 are only switches of this one object. Both MSEs are means over batch, channels and
 pixels (official code) and are computed in fp32 whatever the training precision.
+
+The loss-reweighting baselines (PAPER.md §2.1) are this objective with per-timestep ``weights`` on the
+per-sample epsilon-MSE (``deme.weighting.epsilon_weights``); ``loss_eps`` stays the unweighted MSE so that
+curves compare across methods.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ class EpsObjective:
     antithetic: bool = True
     teacher: nn.Module | None = None  # frozen pretrained model for the consistency loss
     consistency_weight: float = 1.0
+    weights: torch.Tensor | None = None  # lambda_eps(t) [T] of a reweighting baseline, or None
 
     @property
     def num_timesteps(self) -> int:
@@ -46,7 +51,11 @@ class EpsObjective:
         pred = model(xt, t).sample.float()
         loss_eps = F.mse_loss(pred, noise.float())
         terms = {"loss_eps": loss_eps.detach()}
-        loss = loss_eps
+        if self.weights is None:
+            loss = loss_eps
+        else:  # lambda_eps(t) * per-sample MSE, averaged over the batch (fp32)
+            per_sample = (pred - noise.float()).pow(2).flatten(1).mean(1)
+            loss = (self.weights.to(x0.device, torch.float32)[t] * per_sample).mean()
         if self.teacher is not None and self.consistency_weight > 0:
             with torch.no_grad():
                 target = self.teacher(xt, t).sample.float()

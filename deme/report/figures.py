@@ -55,3 +55,25 @@ def merge_search(csv: Path, path: Path) -> Path | None:
     ax.set(xlabel="candidate (scoring order)", ylabel="proxy FID", title="merge-weight search")
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def weightings(path: Path) -> Path:
+    """lambda_eps(t) of every reweighting baseline on the DDPM linear and the SD scaled_linear schedules."""
+    from deme.config import ScheduleConfig
+    from deme.schedule import alphas_cumprod
+    from deme.weighting import SCHEMES, epsilon_weights
+
+    schedules = {"DDPM linear (1e-4..0.02)": ScheduleConfig(),
+                 "Stable Diffusion scaled_linear": ScheduleConfig(beta_start=0.00085, beta_end=0.012,
+                                                                 beta_schedule="scaled_linear")}
+    labels = {"uniform": "uniform (DDPM simple)", "min_snr": "Min-SNR-5", "p2": "P2 (k=1, γ=1)",
+              "snr_plus_one": "SNR+1", "trunc_snr": "truncated SNR"}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    for ax, (title, sched) in zip(axes, schedules.items()):
+        ab = alphas_cumprod(sched)
+        for scheme in SCHEMES:
+            ax.plot(epsilon_weights(scheme, ab).numpy(), label=labels[scheme])
+        ax.set(title=title, xlabel="timestep t", yscale="log")
+    axes[0].set_ylabel("weight on the ε-MSE, λ_ε(t)")
+    axes[1].legend(fontsize=8)
+    return _save(fig, path)

@@ -9,14 +9,22 @@ import pandas as pd
 
 from deme.report.paper import paper_table
 
-# Table 1 rows measured by the suite, in the paper's order; paper keys where the paper has the row.
+# Table 1 rows measured by the suite: (key, label, the paper's row key where the paper has the row).
 TABLE1_ROWS = [
     ("pretrained", "Pretrained (before finetuning)", "pretrained"),
-    ("plain", "Plain finetuning (control, same total iterations)", None),
+    ("plain", "Plain finetuning (control)", None),
+    ("min_snr", "Min-SNR-γ", "min_snr"),
+    ("p2", "P2 weighting", "p2"),
+    ("snr_plus_one", "SNR+1", "snr_plus_one"),
+    ("trunc_snr", "Trun-SNR", "trunc_snr"),
+    ("ant_uw", "ANT-UW", "ant_uw"),
+    ("ant_nash", "ANT-NashMTL", "ant_nash"),
+    ("difftuning", "Diff-Tuning", None),
     ("ensemble", "DeMe (before merge: timestep ensemble)", "ensemble"),
     ("merged", "DeMe (after merge: task-vector merge)", "merged"),
     ("floor", "Data-vs-data floor (training vs held-out images)", None),
 ]
+SINGLE_MODEL = ("plain", "min_snr", "p2", "snr_plus_one", "trunc_snr", "ant_uw", "ant_nash", "difftuning")
 
 
 def _read(path: Path) -> dict | None:
@@ -45,9 +53,25 @@ def collect_fid(metrics_root: Path, profiles: list[str]) -> pd.DataFrame:
 def iterations_of(metrics_root: Path, profile: str, n: int) -> dict[str, str]:
     train = metrics_root / profile / "train"
     per = (_read(train / "interval-1.json") or {}).get("iterations")
-    plain = (_read(train / "plain.json") or {}).get("iterations")
     deme = f"{per} × {n}" if per else ""
-    return {"pretrained": "-", "plain": str(plain or ""), "ensemble": deme, "merged": deme, "floor": "-"}
+    out = {"pretrained": "-", "ensemble": deme, "merged": deme, "floor": "-"}
+    for key in SINGLE_MODEL:
+        out[key] = str((_read(train / f"{key}.json") or {}).get("iterations", ""))
+    return out
+
+
+def wall_times(metrics_root: Path, profile: str, n: int) -> dict[str, float]:
+    """Training wall time per method (seconds per training seed); DeMe = the sum of its N interval runs."""
+    train = metrics_root / profile / "train"
+    out = {k: (_read(train / f"{k}.json") or {}).get("wall_s", np.nan) for k in SINGLE_MODEL}
+    deme = [(_read(train / f"interval-{i}.json") or {}).get("wall_s") for i in range(1, n + 1)]
+    out["ensemble"] = out["merged"] = sum(deme) if n and all(d is not None for d in deme) else np.nan
+    return out
+
+
+def seed_spread(metrics_root: Path, profile: str, key: str) -> tuple[float, int]:
+    m = _read(metrics_root / profile / "evaluate" / f"{key}.json") or {}
+    return m.get("fid_std", 0.0), m.get("training_seeds", 1)
 
 
 def _fmt(v: float, digits: int = 3) -> str:
@@ -72,12 +96,19 @@ def table1(metrics_root: Path, n_intervals: dict[str, int]) -> str:
     out["Method"] = [label for _, label, _ in TABLE1_ROWS]
     for prof in profiles:
         col = fid[prof]
-        out[f"{prof} FID (ours)"] = _bold_best(col, col.map(_fmt))
+        text = col.map(_fmt)
+        for key in SINGLE_MODEL:  # several training seeds: mean ± std (n)
+            std, n = seed_spread(metrics_root, prof, key)
+            if n > 1 and text[key]:
+                text[key] = f"{text[key]} ± {std:.3f} (n={n})"
+        out[f"{prof} FID (ours)"] = _bold_best(col, text)
         pre = col.get("pretrained", np.nan)
         out[f"{prof} Δ vs pretrained"] = [("" if np.isnan(v) or np.isnan(pre) or k in ("pretrained", "floor")
                                            else f"{v - pre:+.3f}") for k, v in col.items()]
         its = iterations_of(metrics_root, prof, n_intervals.get(prof, 0))
         out[f"{prof} iterations"] = [its.get(k, "") for k in fid.index]
+        walls = wall_times(metrics_root, prof, n_intervals.get(prof, 0))
+        out[f"{prof} train wall (s)"] = [_fmt(walls.get(k, np.nan), 0) for k in fid.index]
     for j, name in enumerate(paper["columns"]):
         vals = pd.Series({k: (paper["rows"][pk]["values"][j] if pk else np.nan) for k, _, pk in TABLE1_ROWS})
         out[f"{name} FID (paper)"] = _bold_best(vals, vals.map(lambda v: _fmt(v, 2)))

@@ -1,0 +1,49 @@
+"""Stage `buffer`: Diff-Tuning's retention buffer, sampled once from the pretrained model (PAPER.md §6.2).
+
+`baselines.difftuning.buffer_size` images by DDIM (`buffer_steps` steps, eta 0) from per-image seeds of
+their own range (disjoint from evaluation and search seeds). Written as a dataset file
+(buffers/<profile>/difftuning.npz) with a sample grid; the buffer is fixed, not refreshed during training.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from deme.cli import run_stage  # noqa: E402
+
+
+def body(ctx):
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from deme.data import save_set
+    from deme.data.shapes import ShapeSet
+    from deme.evaluation import image_shape
+    from deme.io import sample_seeds
+    from deme.models import load_pretrained
+    from deme.paths import Paths
+    from deme.sample import generate, save_grid
+
+    cfg, paths = ctx.cfg, Paths(ctx.cfg.profile)
+    d = cfg.baselines.difftuning
+    model = load_pretrained(cfg)
+    seeds = sample_seeds("buffer", d.buffer_size, cfg.seed)
+    sample = dataclasses.replace(cfg.sample, eta=0.0)
+    batches = list(generate(model, seeds, cfg.schedule, sample, image_shape(cfg), ctx.device,
+                            desc="retention buffer", steps=d.buffer_steps))
+    images = torch.cat(batches).permute(0, 2, 3, 1).numpy()
+    empty = np.full(len(images), -1)
+    save_set(paths.buffer, ShapeSet(images, empty, empty, empty, empty, [""] * len(images)))
+    grid = paths.samples("buffer")
+    save_grid(images[:64], grid, nrow=8)
+    ctx.run.log_artifact(grid, "samples")
+    ctx.wrote(paths.buffer, f"{len(images)} images, DDIM-{d.buffer_steps}")
+    ctx.wrote(grid)
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage("buffer", __doc__, body, tags=lambda c, a: {"method": "difftuning"},
+                       params=lambda c, a: {"baselines.difftuning": c.to_dict()["baselines"]["difftuning"],
+                                            "schedule": c.to_dict()["schedule"]}))
