@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from ruamel.yaml import YAML, YAMLError
 
 
 class ConfigError(ValueError):
@@ -130,7 +130,7 @@ class TrainConfig:
     ema_max_decay: float = 0.9999  # decay(step) = min(max, 1 - (1 + step/inv_gamma)^-power)
     ema_power: float = 0.75
     ema_inv_gamma: float = 1.0
-    precision: str = "no"  # accelerate mixed precision: no | fp16 | bf16
+    precision: str = "fp32"  # fp32 | fp16 | bf16 (accelerate mixed precision)
     log_every: int = 25
     ckpt_every: int = 250  # resumable checkpoints; 0 disables
 
@@ -149,7 +149,7 @@ class TrainConfig:
         _check(f"{k}.ema_max_decay", 0 <= self.ema_max_decay < 1, "must be in [0, 1)")
         _check(f"{k}.ema_power", self.ema_power > 0, "must be > 0")
         _check(f"{k}.ema_inv_gamma", self.ema_inv_gamma > 0, "must be > 0")
-        _choice(f"{k}.precision", self.precision, ("no", "fp16", "bf16"))
+        _choice(f"{k}.precision", self.precision, ("fp32", "fp16", "bf16"))
         _check(f"{k}.log_every", self.log_every >= 1, "must be >= 1")
         _check(f"{k}.ckpt_every", self.ckpt_every >= 0, "must be >= 0")
 
@@ -379,6 +379,10 @@ class Config:
                 section.validate(f.name, self.schedule.num_train_timesteps)
             elif dataclasses.is_dataclass(section):
                 section.validate(f.name)
+        for name in ("ant_uw", "ant_nash"):
+            k = getattr(self.baselines, name).num_tasks
+            _check(f"baselines.{name}.num_tasks", k <= self.finetune.batch_size,
+                   f"{k} tasks need a micro-batch of at least {k} (finetune.batch_size is {self.finetune.batch_size})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -480,9 +484,9 @@ def read_params(path: str | Path = "params.yaml") -> dict:
     path = Path(path)
     if not path.exists():
         raise ConfigError("", f"{path}: file not found (run from the repository root, or pass --params)")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
+    try:  # YAML 1.2 (ruamel), as DVC reads and writes params: '1e-4' is a number, 'no' a string
+        raw = YAML(typ="safe", pure=True).load(path.read_text())
+    except YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError("", f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None

@@ -13,6 +13,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -79,7 +80,7 @@ def train(model: nn.Module, objective, images: torch.Tensor, cfg: TrainConfig, *
     from accelerate import Accelerator
     from diffusers.training_utils import EMAModel
 
-    acc = Accelerator(cpu=device.type == "cpu", mixed_precision=cfg.precision,
+    acc = Accelerator(cpu=device.type == "cpu", mixed_precision="no" if cfg.precision == "fp32" else cfg.precision,
                       gradient_accumulation_steps=cfg.grad_accum)
     params = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     params += getattr(objective, "param_groups", lambda: [])()  # e.g. ANT-UW log-variances
@@ -99,8 +100,10 @@ def train(model: nn.Module, objective, images: torch.Tensor, cfg: TrainConfig, *
     ckpt_dir = Path(ckpt_dir) if ckpt_dir and cfg.ckpt_every else None
     start = (_load_checkpoint(ckpt_dir, fingerprint, acc.unwrap_model(model), ema, optimizer, objective)
              if ckpt_dir else 0)
-    for _ in range(start):  # the LR schedule is a function of the step: fast-forward it on resume
-        scheduler.step()
+    with warnings.catch_warnings():  # fast-forward the LR schedule on resume (it is a function of the step)
+        warnings.simplefilter("ignore")
+        for _ in range(start):
+            scheduler.step()
 
     model.train()
     window: dict[str, list[float]] = {}

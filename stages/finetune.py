@@ -55,7 +55,9 @@ def make_objective(cfg, method, paths):
     if method == "ant_uw":
         return ANTObjective(ab, b.ant_uw.num_tasks, "uw", uw_lr=b.ant_uw.uw_lr)
     if method == "ant_nash":
-        return ANTObjective(ab, b.ant_nash.num_tasks, "nash", update_every=b.ant_nash.update_every)
+        # "every 25 steps" counts optimizer steps; the objective counts micro-batches
+        return ANTObjective(ab, b.ant_nash.num_tasks, "nash",
+                            update_every=b.ant_nash.update_every * cfg.finetune.grad_accum)
     d = b.difftuning
     if d.variant == "kd":
         return DiffTuningObjective(ab, variant="kd", teacher=frozen_teacher(cfg), kd_weight=d.kd_weight)

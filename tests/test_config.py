@@ -110,7 +110,7 @@ def test_wrong_type_names_key(raw, key, words):
     ({"deme": {"intervals": []}}, "deme.intervals", "1..N"),
     ({"deme": {"ps_granularity": "epoch"}}, "deme.ps_granularity", "batch, sample"),
     ({"finetune": {"lr": 0.0}}, "finetune.lr", "(0, 1)"),
-    ({"finetune": {"precision": "fp8"}}, "finetune.precision", "no, fp16, bf16"),
+    ({"finetune": {"precision": "fp8"}}, "finetune.precision", "fp32, fp16, bf16"),
     ({"merge": {"bounds": [1.0, 0.0]}}, "merge.bounds", "low <= high"),
     ({"model": {"unet": {"norm_num_groups": 5}}}, "model.unet.norm_num_groups", "divide"),
     ({"seed": -1}, "seed", "2^31"),
@@ -242,3 +242,11 @@ def test_profiles_cli_rejects_unknown_profile(tmp_path):
     with pytest.raises(SystemExit):
         main(["use", "huge", "--params", str(tmp_path / "p.yaml")])
     assert not (tmp_path / "p.yaml").exists()
+
+
+def test_params_are_read_as_yaml_1_2_like_dvc(tmp_path):
+    """`dvc exp run -S` rewrites params.yaml with YAML 1.2 (unquoted `fp32`, `1e-4`): both must load as meant."""
+    p = tmp_path / "params.yaml"
+    p.write_text("profile: micro\nfinetune:\n  lr: 1e-4\n  precision: fp16\ndata:\n  path: no\n")
+    cfg = load_config(p)
+    assert cfg.finetune.lr == 1e-4 and cfg.finetune.precision == "fp16" and cfg.data.path == "no"

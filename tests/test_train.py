@@ -352,3 +352,42 @@ def test_batch_stream_epochs_are_permutations(n, bs):
 def test_batch_stream_rejects_batch_larger_than_dataset():
     with pytest.raises(ValueError, match="exceeds"):
         BatchStream(_id_images(4), 8, seed=0)
+
+
+# ----------------------------------------------------------------------------------------- LR schedule
+
+def test_lr_factor_constant_cosine_and_warmup():
+    from deme.train import lr_factor
+
+    const = TrainConfig(iterations=100)
+    assert [lr_factor(s, const) for s in (0, 50, 99)] == [1.0, 1.0, 1.0]
+    cos = TrainConfig(iterations=100, lr_schedule="cosine")
+    assert lr_factor(0, cos) == 1.0
+    assert lr_factor(50, cos) == pytest.approx(0.5)
+    assert lr_factor(100, cos) == pytest.approx(0.0, abs=1e-12)
+    assert all(lr_factor(s, cos) >= lr_factor(s + 1, cos) for s in range(100))
+    warm = TrainConfig(iterations=100, lr_warmup=10, lr_schedule="cosine")
+    assert lr_factor(0, warm) == pytest.approx(0.1)
+    assert lr_factor(9, warm) == pytest.approx(1.0)
+    assert lr_factor(10, warm) == pytest.approx(1.0)
+
+
+def test_cosine_schedule_resume_equals_uninterrupted(ab, random_images, tmp_path):
+    cfg = _cfg(iterations=6, ckpt_every=2, lr_schedule="cosine")
+    ref = train(randomize_(make_tiny_unet(), seed=1), EpsObjective(ab, 0, 1000), random_images, cfg, seed=3,
+                device=CPU, desc="ref")
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash_at_5(metrics, step):
+        if step == 5:
+            raise Crash
+
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(Crash):
+        train(randomize_(make_tiny_unet(), seed=1), EpsObjective(ab, 0, 1000), random_images, cfg, seed=3,
+              device=CPU, ckpt_dir=ckpt, fingerprint="f", log=crash_at_5, desc="crash")
+    resumed = train(randomize_(make_tiny_unet(), seed=1), EpsObjective(ab, 0, 1000), random_images, cfg, seed=3,
+                    device=CPU, ckpt_dir=ckpt, fingerprint="f", desc="resume")
+    assert _states_equal(_state(ref), _state(resumed))

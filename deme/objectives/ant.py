@@ -79,6 +79,8 @@ class ANTObjective(nn.Module):
     def task_timesteps(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """t and task index per sample: the batch split as equally as possible across the K tasks."""
         K, T = self.num_tasks, len(self.alphas_cumprod)
+        if batch < K:
+            raise ValueError(f"micro-batch {batch} < num_tasks {K}: every ANT task needs at least one sample")
         task = torch.arange(batch) * K // batch  # contiguous equal shares
         width = T // K
         t = task * width + torch.randint(0, width, (batch,), generator=generator)
