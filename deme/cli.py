@@ -25,11 +25,11 @@ class StageContext:
     cfg: Config
     args: argparse.Namespace
     run: Any  # deme.tracking.Run
-    outputs: list[str] = field(default_factory=list)
+    outputs: list[tuple[Path, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def wrote(self, path: str | Path, note: str = "") -> None:
-        self.outputs.append(str(path) + (f"  ({note})" if note else ""))
+        self.outputs.append((Path(path), note))
 
     def note(self, text: str) -> None:
         self.notes.append(text)
@@ -42,8 +42,7 @@ class StageContext:
         return resolve_device(self.cfg.runtime.device)
 
 
-def _size(path: str) -> str:
-    p = Path(path.split("  (")[0])
+def _size(p: Path) -> str:
     if not p.exists():
         return ""
     n = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
@@ -94,6 +93,6 @@ def run_stage(name: str, doc: str | None, body: Callable[[StageContext], None], 
         return 2
     elapsed = time.perf_counter() - t0
     print(f"\n[{label}] done in {elapsed:.1f} s (profile {cfg.profile}, MLflow run {run.id[:8]})")
-    for out in ctx.outputs:
-        print(f"  wrote {out.split('  (')[0]}  {_size(out)}" + (f"  ({out.split('  (')[1]}" if "  (" in out else ""))
+    for path, note in ctx.outputs:
+        print(f"  wrote {path}  {_size(path)}" + (f"  ({note})" if note else ""))
     return 0

@@ -17,6 +17,9 @@ from deme.cli import StageError, run_stage  # noqa: E402
 
 def body(ctx):
     import json
+    import time
+
+    import pandas as pd
 
     from deme.evaluation import feature_space, fid_of_model
     from deme.io import atomic_write_text, sample_seeds, write_json
@@ -71,8 +74,6 @@ def body(ctx):
         return fid_of_model(merged_model(base, vectors, w), seeds, cfg, space, ref, ctx.device,
                             desc="merge candidate")
 
-    import time
-
     t0 = time.perf_counter()
     scorer = Scorer(score, cache, on_new)
     pretrained_fid = scorer((0.0,) * d.n, "reference")  # all w = 0 is the pretrained model
@@ -84,7 +85,6 @@ def body(ctx):
 
     merged = merged_model(base, vectors, best)
     save_model(merged, paths.merged, cfg, method="deme-merged", weights=list(best), proxy_fid=best_fid)
-    import pandas as pd
 
     table = pd.DataFrame([{**{f"w{i + 1}": w[i] for i in range(d.n)}, "proxy_fid": f, "phase": ph}
                           for w, f, ph in scorer.rows])

@@ -1,0 +1,51 @@
+"""Report tables: measured numbers from metrics JSON beside the paper's, bold best, seeds as mean ± std."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from deme.report.tables import TABLE1_ROWS, collect_fid, table1
+
+
+def _write(root: Path, rel: str, data: dict) -> None:
+    p = root / rel
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(data))
+
+
+def _metrics(tmp_path: Path) -> Path:
+    root = tmp_path / "metrics"
+    fids = {"pretrained": 10.0, "plain": 9.5, "min_snr": 11.0, "ensemble": 8.0, "merged": 7.5}
+    for key, fid in fids.items():
+        _write(root, f"tiny/evaluate/{key}.json", {"fid": fid, "fid_std": 0.25 if key == "plain" else 0.0,
+                                                  "training_seeds": 3 if key == "plain" else 1})
+    _write(root, "tiny/fid_ref.json", {"fid_floor": 1.0})
+    _write(root, "tiny/train/interval-1.json", {"iterations": 150, "wall_s": 10.0})
+    for i in (2, 3, 4):
+        _write(root, f"tiny/train/interval-{i}.json", {"iterations": 150, "wall_s": 10.0})
+    _write(root, "tiny/train/plain.json", {"iterations": 600, "wall_s": 30.0})
+    return root
+
+
+def test_table1_measured_paper_delta_bold_and_seeds(tmp_path):
+    md = table1(_metrics(tmp_path), {"tiny": 4})
+    lines = {line.split("|")[1].strip(): line for line in md.splitlines()[2:]}
+    assert "tiny FID (ours)" in md and "CIFAR10 FID (paper)" in md
+    merged = lines["DeMe (after merge: task-vector merge)"]
+    assert "**7.500**" in merged and "-2.500" in merged and "150 × 4" in merged and "40" in merged
+    assert "**3.51**" in merged  # the paper's best CIFAR10 entry, bold in its own column
+    plain = lines["Plain finetuning (control)"]
+    assert "9.500 ± 0.250 (n=3)" in plain and "600" in plain
+    floor = lines["Data-vs-data floor (training vs held-out images)"]
+    assert "1.000" in floor and "**" not in floor  # the floor is never 'best'
+
+
+def test_missing_methods_are_blank_not_invented(tmp_path):
+    fid = collect_fid(_metrics(tmp_path), ["tiny"])["tiny"]
+    assert fid["p2"] != fid["p2"]  # NaN: never evaluated
+    md = table1(_metrics(tmp_path), {"tiny": 4})
+    p2 = next(line for line in md.splitlines() if line.startswith("| P2 weighting"))
+    cells = [c.strip() for c in p2.split("|")[1:-1]]
+    assert cells[1] == ""  # no measured value
+    assert cells[-4] == "5.63"  # the paper's CIFAR10 number, in the paper's column
+    assert len(TABLE1_ROWS) == 12
