@@ -71,7 +71,11 @@ def body(ctx):
             f"{sample.get('num_samples', '?')} samples per model from the same per-image seeds; FID against "
             f"{ref.get('num_ref', '?')} held-out reference images in feature space "
             f"`{ref.get('feature_net', '?')}` (sha256 {str(ref.get('feature_net_sha256', '?'))[:12]}…). "
-            "Best per column in bold (the floor is excluded).",
+            "Best per column in bold (the floor is excluded)."
+            + (" The paper samples with eta 0; this profile uses eta "
+               f"{sample.get('eta')} because its short-trained pretrained model predicts x0 worse than the data "
+               "mean at t >= 900, which deterministic DDIM turns into grey backgrounds (see deme/profiles.py; "
+               "`dvc exp run -S sample.eta=0` reproduces that setting)." if sample.get("eta") else ""),
             "",
             table1(metrics, n_by_profile),
             "",
@@ -83,7 +87,8 @@ def body(ctx):
             f"{', '.join(beat) if beat else 'none'} (of {len(measured)} measured)",
             "",
             "All single-model methods train on all timesteps for N x the per-interval iterations with the same "
-            "optimiser, EMA, data and seeds (matched budget); wall times are per training seed on this machine.",
+            "optimiser, EMA, data and number of training seeds (matched budget); wall times are per training "
+            "seed on this machine.",
             "",
             *(["Rows of the paper's Table 1 that this profile does not run (the paper's numbers only):", "",
                paper_only_rows(), ""] if paper_only_rows() else []),

@@ -138,3 +138,20 @@ def test_exp_run_of_one_baseline_hparam_reruns_only_that_baseline(micro_repo):
     exp_runs = [r for r in _runs(work) if r.data.tags.get("dvc_exp")]
     assert {r.data.tags["stage"] for r in exp_runs} == {"finetune", "evaluate", "report"}
     assert all(r.data.tags["dvc_exp"] == exp_runs[0].data.tags["dvc_exp"] for r in exp_runs)
+
+
+def test_several_training_seeds_give_mean_and_std(micro_repo):
+    """baselines.seeds=2: one model per seed, evaluated separately, mean ± std in the metrics and the report.
+    Runs the stage CLIs directly on the micro outputs (last test of the module: it rewrites outputs)."""
+    work, env, _ = micro_repo
+    params = work / "params.yaml"
+    params.write_text(params.read_text().replace("  seeds: 1\n", "  seeds: 2\n", 1))
+    for cmd in (["stages/finetune.py", "--method", "p2"], ["stages/evaluate.py", "--model", "p2"],
+                ["stages/report.py"]):
+        _run([sys.executable, *cmd], work, env)
+    assert sorted(p.name for p in (work / "models/micro/baselines/p2").iterdir()) == ["seed-0", "seed-1"]
+    m = json.loads((work / "metrics/micro/evaluate/p2.json").read_text())
+    assert m["training_seeds"] == 2 and len(m["fid_seeds"]) == 2
+    assert m["fid"] == pytest.approx(sum(m["fid_seeds"]) / 2)
+    assert m["fid_seeds"][0] != m["fid_seeds"][1] and m["fid_std"] > 0
+    assert f"± {m['fid_std']:.3f} (n=2)" in (work / "reports/micro/report.md").read_text()
