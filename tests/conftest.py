@@ -34,6 +34,19 @@ def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> tor
     return model
 
 
+class Recorder(torch.nn.Module):
+    """Wraps a model; records the (x_t, t) it sees and the prediction it returns."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls = inner, []
+
+    def forward(self, x, t):
+        out = self.inner(x, t)
+        self.calls.append((x.detach().clone(), t.detach().clone(), out.sample.detach().clone()))
+        return out
+
+
 @pytest.fixture
 def tiny_unet():
     return make_tiny_unet()

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import make_tiny_unet, randomize_
+from conftest import Recorder, make_tiny_unet, randomize_
 from deme.config import BaselinesConfig, ScheduleConfig, TrainConfig
 from deme.objectives import ANTObjective, DiffTuningObjective, EpsObjective, nash_weights
 from deme.objectives.difftuning import retention_weight
@@ -40,19 +40,6 @@ def _model(seed=2, scale=0.05):
 
 def _state(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-class _Recorder(nn.Module):
-    """Wraps a model; records the (x_t, t) it sees and the prediction it returns."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner, self.calls = inner, []
-
-    def forward(self, x, t):
-        out = self.inner(x, t)
-        self.calls.append((x.detach().clone(), t.detach().clone(), out.sample.detach().clone()))
-        return out
 
 
 def _nash_residual(G, a):
@@ -184,7 +171,7 @@ def _ant_replay(obj, model, x0, seed):
     Returns (loss, terms, L [K] float64 detached, task per sample). The noise is replayed from a generator
     seeded identically (task_timesteps, then randn) and checked against the x_t the model saw.
     """
-    rec = _Recorder(model)
+    rec = Recorder(model)
     loss, terms = obj(rec, x0, torch.Generator().manual_seed(seed))
     (xt, t, pred), = rec.calls
     g = torch.Generator().manual_seed(seed)
@@ -390,7 +377,7 @@ def test_difftuning_buffer_fraction_follows_retention_weight(ab):
 def test_difftuning_buffer_forward_trains_on_drawn_batch(ab, x0):
     buf = _buffer(size=8)
     obj = DiffTuningObjective(ab, variant="buffer", buffer=buf)
-    rec = _Recorder(_model())
+    rec = Recorder(_model())
     loss, terms = obj(rec, x0, torch.Generator().manual_seed(2))
     (xt, t, pred), = rec.calls
     g = torch.Generator().manual_seed(2)
@@ -419,8 +406,8 @@ def test_difftuning_kd_never_uses_the_buffer(ab):
 
 
 def test_difftuning_kd_term(ab, x0):
-    student = _Recorder(_model(seed=2))
-    teacher = _Recorder(_model(seed=3).requires_grad_(False))
+    student = Recorder(_model(seed=2))
+    teacher = Recorder(_model(seed=3).requires_grad_(False))
     obj = DiffTuningObjective(ab, variant="kd", teacher=teacher, kd_weight=0.05)
     loss, terms = obj(student, x0, torch.Generator().manual_seed(4))
     (xs, ts, ps), = student.calls

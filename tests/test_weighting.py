@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import make_tiny_unet, randomize_
+from conftest import Recorder, make_tiny_unet, randomize_
 from deme.config import BaselinesConfig, ScheduleConfig
 from deme.objectives import EpsObjective
 from deme.schedule import alphas_cumprod, sample_timesteps
@@ -271,19 +271,6 @@ def test_config_sections_plug_into_epsilon_weights(ab_ddpm):
 
 # ----------------------------------------------------------------------------------------- objective
 
-class _Recorder(nn.Module):
-    """Wraps a model; records the (x_t, t) it sees and the prediction it returns."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner, self.calls = inner, []
-
-    def forward(self, x, t):
-        out = self.inner(x, t)
-        self.calls.append((x.detach().clone(), t.detach().clone(), out.sample.detach().clone()))
-        return out
-
-
 @pytest.fixture(scope="module")
 def ab32():
     return alphas_cumprod(DDPM).float()
@@ -310,7 +297,7 @@ def _replay(obj: EpsObjective, x0: torch.Tensor, seed: int):
 
 def _manual_weighted_loss(obj, model, x0, seed, weights):
     """Run the objective once; return (its loss, terms, the hand-computed weighted loss, t)."""
-    rec = _Recorder(model)
+    rec = Recorder(model)
     loss, terms = obj(rec, x0, torch.Generator().manual_seed(seed))
     (xt, t, pred), = rec.calls
     t_ref, noise = _replay(obj, x0, seed)
@@ -373,7 +360,7 @@ def test_zero_weights_give_zero_loss_and_gradient(ab32, x0):
 def test_weighted_loss_is_fp32_under_bf16_autocast(ab32, x0):
     w = epsilon_weights("snr_plus_one", alphas_cumprod(DDPM))  # weights up to ~25,000
     obj = EpsObjective(ab32, 500, 1000, p=0.0, weights=w)
-    rec = _Recorder(_model())
+    rec = Recorder(_model())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, terms = obj(rec, x0, torch.Generator().manual_seed(4))
     (_, t, pred), = rec.calls
