@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from conftest import Recorder, make_tiny_unet, randomize_
 from deme.config import BaselinesConfig, ScheduleConfig, TrainConfig

@@ -5,8 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from conftest import Recorder, make_tiny_unet, randomize_
 from deme.config import BaselinesConfig, ScheduleConfig
