@@ -19,7 +19,7 @@ def body(ctx):
     from deme.io import atomic_dir
     from deme.report import figures
     from deme.report.paper import paper_numbers
-    from deme.report.tables import collect_fid, paper_only_rows, table1
+    from deme.report.tables import SINGLE_MODEL, collect_fid, paper_only_rows, table1
 
     cfg, prof = ctx.cfg, ctx.cfg.profile
     metrics = Path("metrics")
@@ -37,8 +37,8 @@ def body(ctx):
                 "weights": figures.weightings(tmp / "weightings.png"),
                 "search": figures.merge_search(Path("plots") / prof / "merge_search.csv", tmp / "merge_search.png")}
         grids = []
-        for name in ("data", "pretrained", "plain", "ensemble", "merged", "min_snr", "p2", "snr_plus_one",
-                     "trunc_snr", "ant_uw", "ant_nash", "difftuning", "buffer"):
+        plain, *baselines = SINGLE_MODEL
+        for name in ("data", "pretrained", plain, "ensemble", "merged", *baselines, "buffer"):
             src = Path("samples") / prof / f"{name}.png"
             if src.exists():
                 shutil.copy(src, tmp / f"samples_{name}.png")
@@ -46,7 +46,6 @@ def body(ctx):
         fid = collect_fid(metrics, [prof])[prof]
         feat, ref = read(prof, "featnet.json"), read(prof, "fid_ref.json")
         ev = {k: read(prof, "evaluate", f"{k}.json") for k in ("pretrained", "plain", "ensemble", "merged")}
-        baselines = ("min_snr", "p2", "snr_plus_one", "trunc_snr", "ant_uw", "ant_nash", "difftuning")
         measured = [b for b in baselines if b in fid and fid[b] == fid[b]]
         beat = [b for b in measured if fid[b] < fid.get("plain", float("nan"))]
 
