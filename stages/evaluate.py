@@ -14,8 +14,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deme.cli import run_stage  # noqa: E402
 
-MODELS = ("pretrained", "ensemble", "merged", "plain", "min_snr", "p2", "snr_plus_one", "trunc_snr", "ant_uw",
-          "ant_nash", "difftuning")
+from deme.objectives import SINGLE_MODEL_METHODS  # noqa: E402
+
+MODELS = ("pretrained", "ensemble", "merged", *SINGLE_MODEL_METHODS)
 
 
 def add_args(ap):

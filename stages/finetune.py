@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deme.cli import StageError, run_stage  # noqa: E402
 
-METHODS = ("plain", "min_snr", "p2", "snr_plus_one", "trunc_snr", "ant_uw", "ant_nash", "difftuning")
+from deme.objectives import SINGLE_MODEL_METHODS as METHODS  # noqa: E402
 
 
 def add_args(ap):

@@ -4,4 +4,7 @@ from deme.objectives.ant import ANTObjective, nash_weights
 from deme.objectives.deme import EpsObjective
 from deme.objectives.difftuning import DiffTuningObjective
 
-__all__ = ["EpsObjective", "ANTObjective", "DiffTuningObjective", "nash_weights"]
+# Methods that finetune one model on all timesteps at the matched budget (the plain control first).
+SINGLE_MODEL_METHODS = ("plain", "min_snr", "p2", "snr_plus_one", "trunc_snr", "ant_uw", "ant_nash", "difftuning")
+
+__all__ = ["SINGLE_MODEL_METHODS", "EpsObjective", "ANTObjective", "DiffTuningObjective", "nash_weights"]

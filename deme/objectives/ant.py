@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deme.objectives.deme import add_noise
+
 
 def nash_weights(gram: np.ndarray, alpha0: np.ndarray | None = None, tol: float = 1e-10,
                  max_iter: int = 100) -> np.ndarray:
@@ -90,8 +92,7 @@ class ANTObjective(nn.Module):
         t, task = self.task_timesteps(x0.shape[0], generator)
         t, task = t.to(x0.device), task.to(x0.device)
         noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
-        ab = self.alphas_cumprod[t].to(x0.dtype).view(-1, 1, 1, 1)
-        pred = model(ab.sqrt() * x0 + (1 - ab).sqrt() * noise, t).sample.float()
+        pred = model(add_noise(self.alphas_cumprod, x0, noise, t), t).sample.float()
         per_sample = (pred - noise.float()).pow(2).flatten(1).mean(1)
         K = self.num_tasks
         losses = torch.stack([per_sample[task == j].mean() for j in range(K)])

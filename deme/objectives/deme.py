@@ -21,6 +21,12 @@ from torch import nn
 from deme.schedule import sample_timesteps
 
 
+def add_noise(alphas_cumprod: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps (the forward process of every objective)."""
+    ab = alphas_cumprod.to(x0.device)[t].to(x0.dtype).view(-1, 1, 1, 1)
+    return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+
 @dataclass
 class EpsObjective:
     alphas_cumprod: torch.Tensor  # [T], from the noise schedule
@@ -38,9 +44,7 @@ class EpsObjective:
         return len(self.alphas_cumprod)
 
     def noisy(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps."""
-        ab = self.alphas_cumprod.to(x0.device)[t].to(x0.dtype).view(-1, 1, 1, 1)
-        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        return add_noise(self.alphas_cumprod, x0, noise, t)
 
     def __call__(self, model: nn.Module, x0: torch.Tensor, generator: torch.Generator):
         t = sample_timesteps(x0.shape[0], self.lo, self.hi, p=self.p, num_timesteps=self.num_timesteps,

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deme.objectives.deme import add_noise
+
 
 def retention_weight(t: torch.Tensor, num_timesteps: int) -> torch.Tensor:
     """xi(t) = 1 - t/T: the probability that a slot at timestep t takes a buffer image."""
@@ -55,8 +57,7 @@ class DiffTuningObjective(nn.Module):
         t, x0, use_buffer = self.draw(x0, generator)
         t = t.to(x0.device)
         noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
-        ab = self.alphas_cumprod[t].to(x0.dtype).view(-1, 1, 1, 1)
-        xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        xt = add_noise(self.alphas_cumprod, x0, noise, t)
         pred = model(xt, t).sample.float()
         loss_eps = F.mse_loss(pred, noise.float())
         loss = loss_eps

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from deme.objectives import SINGLE_MODEL_METHODS
 from deme.report.paper import paper_table
 
 # Table 1 rows measured by the suite: (key, label, the paper's row key where the paper has the row).
@@ -24,7 +25,7 @@ TABLE1_ROWS = [
     ("merged", "DeMe (after merge: task-vector merge)", "merged"),
     ("floor", "Data-vs-data floor (training vs held-out images)", None),
 ]
-SINGLE_MODEL = ("plain", "min_snr", "p2", "snr_plus_one", "trunc_snr", "ant_uw", "ant_nash", "difftuning")
+SINGLE_MODEL = SINGLE_MODEL_METHODS
 
 
 def _read(path: Path) -> dict | None:
