@@ -39,7 +39,20 @@ class StageContext:
     def device(self):
         from deme.train import resolve_device
 
-        return resolve_device(self.cfg.runtime.device)
+        device = resolve_device(self.cfg.runtime.device)
+        if device.type == "cuda":  # one GPU per process under accelerate launch
+            from deme.distributed import current
+            import torch
+
+            return torch.device("cuda", current().rank % torch.cuda.device_count())
+        return device
+
+    @property
+    def is_main(self) -> bool:
+        """False on the extra processes of `accelerate launch`: they compute, only the main one writes."""
+        from deme.distributed import current
+
+        return current().is_main
 
 
 def _size(p: Path) -> str:
@@ -73,24 +86,30 @@ def run_stage(name: str, doc: str | None, body: Callable[[StageContext], None], 
 
     import torch
 
+    from deme.distributed import init
     from deme.models import CheckpointError
-    from deme.tracking import stage_run
-    from deme.train import NonFiniteLossError, set_threads
+    from deme.tracking import null_run, stage_run
+    from deme.train import NonFiniteLossError, resolve_device, set_threads
 
     set_threads(cfg.runtime.num_threads)
     torch.manual_seed(cfg.seed)
+    dist = init(cpu=resolve_device(cfg.runtime.device).type == "cpu")
     it = item(args)
     label = f"{name}@{it}" if it else name
     t0 = time.perf_counter()
     try:
-        with stage_run(name, cfg.profile, item=it, params=params(cfg, args) if params else None,
-                       tags=tags(cfg, args) if tags else None) as run:
+        opened = (stage_run(name, cfg.profile, item=it, params=params(cfg, args) if params else None,
+                            tags={**(tags(cfg, args) if tags else {}), "num_processes": dist.world})
+                  if dist.is_main else null_run())
+        with opened as run:
             ctx = StageContext(cfg, args, run)
             body(ctx)
             run.log_metrics({"stage_seconds": time.perf_counter() - t0})
     except (StageError, CheckpointError, NonFiniteLossError, FileNotFoundError, ValueError) as e:
-        print(f"error: {label}: {e}", file=sys.stderr)
+        print(f"error: {label}{'' if dist.is_main else f' (process {dist.rank})'}: {e}", file=sys.stderr)
         return 2
+    if not dist.is_main:
+        return 0
     elapsed = time.perf_counter() - t0
     print(f"\n[{label}] done in {elapsed:.1f} s (profile {cfg.profile}, MLflow run {run.id[:8]})")
     for path, note in ctx.outputs:

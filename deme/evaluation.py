@@ -1,49 +1,114 @@
-"""Scoring models by FID while sampling: the shared core of the merge search and the evaluate stage."""
+"""Scoring models by FID while sampling: the shared core of fid_ref, the merge search, the training FID
+curve and the evaluate stage.
+
+One sampled batch feeds every feature space of the profile (clean-fid modes, PAPER.md §8.3), no image is
+written unless ``sample.save_images`` is set, and the batches are split over processes when the stage runs
+under ``accelerate launch`` (deme/distributed.py): every process ends with all features, in seed order.
+"""
 from __future__ import annotations
 
-from typing import Sequence
+from pathlib import Path
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from deme.config import Config
-from deme.metrics.fid import FeatureSpace, Stats, features, fid_of_features
+from deme.distributed import current, gather_batches, my_batches
+from deme.metrics.fid import FeatureSpace, Stats, batch_features, fid_of_features
 from deme.paths import Paths
 
 
-def feature_space(cfg: Config, device: torch.device) -> FeatureSpace:
-    """The profile's FID feature network (tiny: the featnet stage's classifier)."""
-    from deme.metrics.featnet import load_featnet
+def feature_spaces(cfg: Config, device: torch.device) -> dict[str, FeatureSpace]:
+    """The profile's FID feature spaces, keyed by clean-fid mode; the first is the headline FID."""
+    if cfg.fid.feature_net == "featnet":  # tiny: the featnet stage's classifier, identity resize
+        from deme.metrics.featnet import load_featnet
 
-    net, sha = load_featnet(Paths(cfg.profile).featnet)
-    return FeatureSpace(net=net, name="featnet", sha256=sha, mode=cfg.fid.mode, device=device)
+        net, sha = load_featnet(Paths(cfg.profile).featnet)
+        return {"clean": FeatureSpace(net=net, name="featnet", sha256=sha, mode="clean", device=device)}
+    from deme.metrics.inception import inception_space
+
+    return {mode: inception_space(mode, device, cfg.fid.inception_weights) for mode in cfg.fid.modes}
+
+
+def describe(spaces: dict[str, FeatureSpace]) -> dict:
+    """Which network (file hash) and mode produced the numbers, for every metrics file."""
+    return {"fid_modes": list(spaces), "feature_nets": {m: s.describe() for m, s in spaces.items()},
+            **next(iter(spaces.values())).describe()}
+
+
+def load_references(cfg: Config, spaces: dict[str, FeatureSpace]) -> dict[str, Stats]:
+    paths = Paths(cfg.profile)
+    return {mode: Stats.load(paths.fid_ref(mode)) for mode in spaces}
 
 
 def image_shape(cfg: Config) -> tuple[int, int, int]:
     return (3, cfg.data.resolution, cfg.data.resolution)
 
 
-def sample_features(model: nn.Module, seeds: Sequence[int], cfg: Config, space: FeatureSpace,
-                    device: torch.device, desc: str, keep: int = 0) -> tuple[np.ndarray, torch.Tensor | None]:
-    """Features of DDIM samples of ``model`` for ``seeds``; also returns the first ``keep`` images."""
-    from deme.sample import generate
-
-    kept: list[torch.Tensor] = []
-
-    def stream():
-        n = 0
-        for batch in generate(model, seeds, cfg.schedule, cfg.sample, image_shape(cfg), device, desc=desc):
-            if n < keep:
-                kept.append(batch[:keep - n])
-                n += len(kept[-1])
-            yield batch
-
-    feats = features(stream(), len(seeds), space, cfg.sample.batch_size, desc=desc)
+def stream_features(batches: Iterable[torch.Tensor], mine: Sequence[tuple[int, int]], n_batches: int,
+                    spaces: dict[str, FeatureSpace], keep: int = 0,
+                    on_batch=None) -> tuple[dict[str, np.ndarray], torch.Tensor | None]:
+    """Features of this process's uint8 batches (item ranges ``mine``) in every space, gathered from all
+    processes in batch order. Also returns the first ``keep`` images."""
+    local = []
+    for (lo, hi), batch in zip(mine, batches):
+        kept = batch[:keep - lo] if lo < keep else None
+        local.append(({m: batch_features(batch, s) for m, s in spaces.items()}, kept))
+        if on_batch is not None:
+            on_batch(batch, lo)
+    everything = gather_batches(local, n_batches, current())
+    feats = {m: np.concatenate([f[m] for f, _ in everything]) for m in spaces}
+    kept = [k for _, k in everything if k is not None]
     return feats, (torch.cat(kept) if kept else None)
 
 
-def fid_of_model(model: nn.Module, seeds: Sequence[int], cfg: Config, space: FeatureSpace, ref: Stats,
-                 device: torch.device, desc: str) -> float:
-    feats, _ = sample_features(model, seeds, cfg, space, device, desc)
-    return fid_of_features(feats, ref)
+def sample_features(model: nn.Module, seeds: Sequence[int], cfg: Config, spaces: dict[str, FeatureSpace],
+                    device: torch.device, desc: str, keep: int = 0,
+                    save_dir: str | Path | None = None) -> tuple[dict[str, np.ndarray], torch.Tensor | None]:
+    """Features of DDIM samples of ``model`` for ``seeds`` in every space; also the first ``keep`` images.
+    ``save_dir``: also write every sample as PNG (named by its index), e.g. for an external FID tool."""
+    from deme.sample import generate
+
+    bs = cfg.sample.batch_size
+    mine = my_batches(len(seeds), bs, current())
+    n_batches = -(-len(seeds) // bs)
+    if cfg.runtime.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    save = (lambda batch, lo: _save_pngs(batch, Path(save_dir), lo)) if save_dir is not None else None
+    batches = generate(model, seeds, cfg.schedule, cfg.sample, image_shape(cfg), device, desc=desc, batches=mine)
+    return stream_features(batches, mine, n_batches, spaces, keep, save)
+
+
+def _save_pngs(batch: torch.Tensor, folder: Path, first: int) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, img in enumerate(batch.permute(0, 2, 3, 1).numpy()):
+        Image.fromarray(img).save(folder / f"{first + k:06d}.png")
+
+
+def fids(feats: dict[str, np.ndarray], refs: dict[str, Stats]) -> dict[str, float]:
+    """FID in every mode: {'fid_<mode>': value}."""
+    return {f"fid_{m}": fid_of_features(f, refs[m]) for m, f in feats.items()}
+
+
+def fid_of_model(model: nn.Module, seeds: Sequence[int], cfg: Config, spaces: dict[str, FeatureSpace],
+                 refs: dict[str, Stats], device: torch.device, desc: str) -> float:
+    """The headline FID (first mode) of ``model`` on ``seeds``; the same value on every process."""
+    feats, _ = sample_features(model, seeds, cfg, {m: spaces[m] for m in list(spaces)[:1]}, device, desc)
+    mode = next(iter(feats))
+    return fid_of_features(feats[mode], refs[mode])
+
+
+def array_features(images: np.ndarray, spaces: dict[str, FeatureSpace], batch_size: int,
+                   desc: str) -> dict[str, np.ndarray]:
+    """Features of uint8 [n, H, W, 3] images (a memmap is read batch by batch), split over processes."""
+    from tqdm.auto import tqdm
+
+    mine = my_batches(len(images), batch_size, current())
+    batches = (torch.as_tensor(np.ascontiguousarray(images[lo:hi])).permute(0, 3, 1, 2).contiguous()
+               for lo, hi in tqdm(mine, desc=desc, unit="batch", dynamic_ncols=True))
+    feats, _ = stream_features(batches, mine, -(-len(images) // batch_size), spaces)
+    return feats

@@ -31,11 +31,7 @@ def build_unet(cfg: Config) -> nn.Module:
     """A fresh UNet2DModel of the profile's architecture (tiny profiles train it from scratch)."""
     from diffusers import UNet2DModel
 
-    u = cfg.model.unet
-    return UNet2DModel(sample_size=cfg.data.resolution, in_channels=3, out_channels=3,
-                       block_out_channels=tuple(u.block_out_channels), layers_per_block=u.layers_per_block,
-                       down_block_types=tuple(u.down_block_types), up_block_types=tuple(u.up_block_types),
-                       norm_num_groups=u.norm_num_groups)
+    return UNet2DModel(sample_size=cfg.data.resolution, in_channels=3, out_channels=3, **cfg.model.unet.kwargs())
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -93,33 +89,66 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Modul
 
 
 def pretrained_path(cfg: Config) -> Path:
-    """Where the profile's pretrained model lives (tiny: the pretrain stage's output)."""
-    if cfg.model.source == "train":
-        return Path("models") / cfg.profile / "pretrained"
-    if cfg.model.local_path:
-        return Path(cfg.model.local_path)
-    return Path(cfg.model.pretrained_id)
+    """Where the profile's pretrained model lives: the ``pretrain`` stage's output for every profile (tiny
+    trains it; hub profiles import the checkpoint there, so the pipeline pins it by hash)."""
+    return Path("models") / cfg.profile / "pretrained"
 
 
 def load_pretrained(cfg: Config, device: str | torch.device = "cpu") -> nn.Module:
-    """The pretrained model theta, from the pipeline (tiny) or a local path / the Hugging Face cache."""
-    if cfg.model.source == "train" or cfg.model.local_path:
-        path = pretrained_path(cfg)
-        if not path.exists():
-            how = ("dvc repro pretrain" if cfg.model.source == "train"
-                   else f"huggingface-cli download {cfg.model.pretrained_id} --local-dir {path}")
-            raise CheckpointError(f"{path}: pretrained model not found; make or fetch it with: {how}")
-        return load_model(path, device)
+    """The pretrained model theta, as the ``pretrain`` stage left it."""
+    path = pretrained_path(cfg)
+    if not path.exists():
+        what = "trains" if cfg.model.source == "train" else f"imports {cfg.model.pretrained_id or cfg.model.local_path}"
+        raise CheckpointError(f"{path}: pretrained model not found; the pretrain stage {what}: dvc repro pretrain")
+    return load_model(path, device)
+
+
+def hub_cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def fetch_checkpoint(cfg: Config) -> tuple[nn.Module, str]:
+    """Load the profile's checkpoint from ``model.local_path`` or the Hugging Face cache, offline.
+
+    Returns the model and where it came from. A missing checkpoint fails at once (``HF_HUB_OFFLINE=1``)
+    with the model id, the place looked in and the command that fetches it on a connected machine.
+    """
     from diffusers import UNet2DModel
 
+    m = cfg.model
+    fetch = (f"huggingface-cli download {m.pretrained_id} --local-dir {m.local_path}" if m.local_path
+             else f"huggingface-cli download {m.pretrained_id}")
+    if m.local_path:
+        path = Path(m.local_path)
+        sub = path / "unet" if not (path / "config.json").exists() and (path / "unet" / "config.json").exists() else path
+        if not (sub / "config.json").exists():
+            raise CheckpointError(f"{m.pretrained_id or 'model'}: no checkpoint at model.local_path={path} "
+                                  f"(config.json missing); on a connected machine run: {fetch}")
+        try:
+            return UNet2DModel.from_pretrained(sub).eval(), str(sub)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{sub}: unreadable checkpoint ({e})") from None
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        return UNet2DModel.from_pretrained(cfg.model.pretrained_id).to(device).eval()
+        return UNet2DModel.from_pretrained(m.pretrained_id).eval(), f"hf://{m.pretrained_id}"
     except (OSError, EnvironmentError) as e:
         raise CheckpointError(
-            f"{cfg.model.pretrained_id}: not in the Hugging Face cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')}); "
-            f"on a connected machine run: huggingface-cli download {cfg.model.pretrained_id}, "
-            f"or set model.local_path to a save_pretrained directory ({type(e).__name__})") from None
+            f"{m.pretrained_id}: not found in the Hugging Face cache {hub_cache_dir()} (HF_HUB_OFFLINE="
+            f"{os.environ.get('HF_HUB_OFFLINE')}); on a connected machine run: {fetch} "
+            f"(and copy the cache, or set model.local_path to the downloaded folder) [{type(e).__name__}]") from None
+
+
+def check_architecture(model: nn.Module, cfg: Config) -> None:
+    """The checkpoint must be the UNet the profile describes (PAPER.md §8.1): compare the config keys."""
+    want = {"sample_size": cfg.data.resolution, **cfg.model.unet.kwargs()}
+    have = dict(model.config)
+    bad = [f"{k}: checkpoint {have.get(k)!r} vs params {v!r}" for k, v in want.items()
+           if (tuple(have[k]) if isinstance(have.get(k), list) else have.get(k)) != v]
+    if bad:
+        raise CheckpointError(f"{cfg.model.pretrained_id or cfg.model.local_path}: not the architecture of profile "
+                              f"{cfg.profile!r} ({'; '.join(bad)}); fix model.unet / data.resolution or the checkpoint")
 
 
 def frozen_teacher(cfg: Config, device: str | torch.device = "cpu") -> nn.Module:

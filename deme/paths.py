@@ -16,19 +16,19 @@ class Paths:
     # data and references
     @property
     def train(self) -> Path:
-        return self._p("data", self.profile, "train.npz")
+        return self._p("data", self.profile, "train.npy")
 
     @property
     def ref(self) -> Path:
-        return self._p("data", self.profile, "ref.npz")
+        return self._p("data", self.profile, "ref.npy")
 
     @property
     def featnet(self) -> Path:
         return self._p("models", self.profile, "featnet")
 
-    @property
-    def fid_ref(self) -> Path:
-        return self._p("stats", self.profile, "fid_ref.npz")
+    def fid_ref(self, mode: str) -> Path:
+        """Reference FID statistics of one clean-fid mode."""
+        return self._p("stats", self.profile, f"fid_ref_{mode}.npz")
 
     # models
     @property
@@ -48,7 +48,7 @@ class Paths:
 
     @property
     def buffer(self) -> Path:
-        return self._p("buffers", self.profile, "difftuning.npz")
+        return self._p("buffers", self.profile, "difftuning.npy")
 
     @property
     def merged(self) -> Path:

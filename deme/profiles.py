@@ -6,6 +6,9 @@ prints a preset as YAML and ``python -m deme.profiles use NAME`` writes it to ``
 - ``tiny``: the embedded default. 16x16 procedurally generated shapes, a UNet2DModel "pretrained" by the
   pipeline itself, a small classifier as FID feature space. Runs the whole paper pipeline on a laptop CPU.
 - ``micro``: the same stages at toy size, for the end-to-end test (``dvc repro`` in a temporary repo).
+- ``cifar10``, ``church``, ``bedroom``: the paper's DDPM settings (PAPER.md §1.6, §1.9, §8) on the real
+  checkpoints google/ddpm-cifar10-32, google/ddpm-ema-church-256, google/ddpm-ema-bedroom-256 and the real
+  datasets, FID-50K with Inception-v3. They run on a user's GPUs; see README "Paper-scale profiles".
 """
 from __future__ import annotations
 
@@ -23,12 +26,14 @@ _FINETUNE_OPTIM = dict(lr_schedule="constant", lr_warmup=0, betas=[0.95, 0.999],
 _TINY = {
     "profile": "tiny",
     "seed": 0,
-    "data": {"kind": "shapes", "resolution": 16, "num_train": 10_000, "num_ref": 2_000, "path": ""},
+    "data": {"kind": "shapes", "resolution": 16, "num_train": 10_000, "num_ref": 2_000, "path": "",
+             "ref_path": "", "format": "auto", "crop": "random", "on_corrupt": "skip"},
     "model": {
         "source": "train", "pretrained_id": "", "local_path": "",
         "unet": {"block_out_channels": [16, 32, 64], "layers_per_block": 1,
                  "down_block_types": ["DownBlock2D"] * 3, "up_block_types": ["UpBlock2D"] * 3,
-                 "norm_num_groups": 8},
+                 "norm_num_groups": 8, "flip_sin_to_cos": True, "freq_shift": 0, "norm_eps": 1e-5,
+                 "downsample_padding": 1, "dropout": 0.0},
     },
     "schedule": {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
                  "beta_schedule": "linear", "prediction_type": "epsilon", "clip_sample": True},
@@ -37,11 +42,11 @@ _TINY = {
                  "lr_warmup": 0, "betas": [0.9, 0.999],
                  "weight_decay": 0.0, "eps": 1e-8, "clip_grad_norm": 1.0, "ema_max_decay": 0.999,
                  "ema_power": 0.75, "ema_inv_gamma": 1.0, "precision": "fp32", "log_every": 50,
-                 "ckpt_every": 500},
+                 "ckpt_every": 500, "eval_every": 0, "eval_samples": 5000},
     "featnet": {"iterations": 800, "batch_size": 128, "lr": 2e-3, "width": 32, "feature_dim": 64},
     # One budget shared by DeMe (per interval) and the plain control (N x iterations), PAPER.md §1.6.
     "finetune": {"iterations": 100, "batch_size": 64, "grad_accum": 1, "lr": 2e-4, **_FINETUNE_OPTIM,
-                 "log_every": 10, "ckpt_every": 100},
+                 "log_every": 10, "ckpt_every": 100, "eval_every": 0, "eval_samples": 5000},
     "deme": {"intervals": [1, 2, 3, 4], "p": 0.4, "probabilistic_sampling": True, "ps_granularity": "batch",
              "antithetic": True, "consistency_loss": True, "consistency_weight": 1.0,
              "channel_projection": True},
@@ -60,9 +65,10 @@ _TINY = {
     # are worse than the data mean, and deterministic DDIM (eta 0) turns that into grey backgrounds
     # (measured: pretrained FID 503 at eta 0 vs 327 at eta 1). Real profiles use eta 0 (PAPER.md §1.9).
     "sample": {"sampler": "ddim", "steps": 50, "eta": 1.0, "batch_size": 200, "num_samples": 800,
-               "grid_size": 64},
-    "fid": {"feature_net": "featnet", "mode": "clean", "batch_size": 500},
-    "runtime": {"device": "auto", "num_threads": 0},
+               "grid_size": 64, "precision": "fp32", "save_images": False},
+    "fid": {"feature_net": "featnet", "modes": ["clean"], "reference": "ref", "reference_samples": 0,
+            "inception_weights": "", "batch_size": 500},
+    "runtime": {"device": "auto", "num_threads": 0, "num_processes": 1, "channels_last": False, "compile": False},
 }
 
 
@@ -70,9 +76,8 @@ def _micro() -> dict:
     p = copy.deepcopy(_TINY)
     p["profile"] = "micro"
     p["data"].update(num_train=512, num_ref=256)
-    p["model"]["unet"] = {"block_out_channels": [8, 16], "layers_per_block": 1,
-                          "down_block_types": ["DownBlock2D"] * 2, "up_block_types": ["UpBlock2D"] * 2,
-                          "norm_num_groups": 4}
+    p["model"]["unet"].update(block_out_channels=[8, 16], down_block_types=["DownBlock2D"] * 2,
+                              up_block_types=["UpBlock2D"] * 2, norm_num_groups=4)
     p["pretrain"].update(iterations=40, batch_size=32, log_every=10, ckpt_every=20)
     p["featnet"].update(iterations=40, batch_size=64, width=8, feature_dim=16)
     p["finetune"].update(iterations=6, batch_size=16, log_every=2, ckpt_every=3)
@@ -84,7 +89,63 @@ def _micro() -> dict:
     return p
 
 
-PROFILES: dict[str, dict] = {"tiny": _TINY, "micro": _micro()}
+# The google/ddpm-* UNet2DModel configs (their config.json on the Hub), PAPER.md §1.5 and §8.1.
+_DDPM_UNET = {"layers_per_block": 2, "norm_num_groups": 32, "flip_sin_to_cos": False, "freq_shift": 1,
+              "norm_eps": 1e-6, "downsample_padding": 0, "dropout": 0.0}
+_CIFAR10_UNET = {"block_out_channels": [128, 256, 256, 256],
+                 "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+                 "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"], **_DDPM_UNET}
+_LSUN_UNET = {"block_out_channels": [128, 128, 256, 256, 512, 512],
+              "down_block_types": ["DownBlock2D"] * 4 + ["AttnDownBlock2D", "DownBlock2D"],
+              "up_block_types": ["UpBlock2D", "AttnUpBlock2D"] + ["UpBlock2D"] * 4, **_DDPM_UNET}
+
+
+def _ddpm(name: str, kind: str, resolution: int, ckpt: str, unet: dict, data_path: str, p: float,
+          micro_batch: int, grad_accum: int, lr: float, sample_batch: int) -> dict:
+    """A paper-scale DDPM profile: PAPER.md §1.6 (finetuning), §1.8 (merge grid), §1.9 and §8.3 (FID-50K)."""
+    q = copy.deepcopy(_TINY)
+    q["profile"] = name
+    q["data"].update(kind=kind, resolution=resolution, num_train=0, num_ref=0, path=data_path)
+    q["model"] = {"source": "hub", "pretrained_id": ckpt, "local_path": "", "unet": copy.deepcopy(unet)}
+    q["finetune"].update(iterations=20_000, batch_size=micro_batch, grad_accum=grad_accum, lr=lr,
+                         precision="fp16", log_every=100, ckpt_every=1000, eval_every=5000, eval_samples=5000)
+    q["deme"]["p"] = p
+    q["baselines"]["difftuning"].update(buffer_size=5000, buffer_steps=50)
+    q["merge"].update(search="grid", coarse=[0.0, 0.25, 0.5, 0.75, 1.0], refine_step=0.1, refine_rounds=1,
+                      proxy_samples=5000)
+    q["sample"].update(eta=0.0, batch_size=sample_batch, num_samples=50_000, grid_size=64, precision="fp16")
+    q["fid"].update(feature_net="inception", modes=["legacy_pytorch", "clean"], reference="train",
+                    reference_samples=50_000, batch_size=250)
+    q["runtime"].update(channels_last=True)
+    return q
+
+
+def _cifar10() -> dict:
+    q = _ddpm("cifar10", "cifar10", 32, "google/ddpm-cifar10-32", _CIFAR10_UNET,
+              "datasets/cifar10/cifar-10-batches-py", p=0.4, micro_batch=64, grad_accum=1, lr=2e-4,
+              sample_batch=1000)
+    q["data"]["crop"] = "center"  # 32x32 already: the transform is the identity
+    return q
+
+
+def _church() -> dict:
+    return _ddpm("church", "lsun_church", 256, "google/ddpm-ema-church-256", _LSUN_UNET,
+                 "datasets/lsun_church_train", p=0.3, micro_batch=16, grad_accum=4, lr=5e-5, sample_batch=128)
+
+
+def _bedroom() -> dict:
+    q = _ddpm("bedroom", "lsun_bedroom", 256, "google/ddpm-ema-bedroom-256", _LSUN_UNET,
+              "datasets/lsun_bedroom", p=0.3, micro_batch=16, grad_accum=4, lr=5e-5, sample_batch=128)
+    # ~3M training images (590 GB as uint8 256^2): a 300K seeded subset; the FID reference is 50K random
+    # training images, as clean-fid has no built-in bedroom statistics (PAPER.md §8.3)
+    q["data"].update(num_train=300_000, num_ref=50_000)
+    q["fid"].update(reference="ref", reference_samples=0)
+    return q
+
+
+PROFILES: dict[str, dict] = {"tiny": _TINY, "micro": _micro(), "cifar10": _cifar10(), "church": _church(),
+                             "bedroom": _bedroom()}
+PAPER_SCALE = ("cifar10", "church", "bedroom")
 
 
 def preset(name: str) -> dict:

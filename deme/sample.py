@@ -68,21 +68,39 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
+def autocast(device: torch.device, precision: str):
+    """Mixed precision for the UNet while sampling (PAPER.md §1.9 samples in fp16); a no-op for fp32."""
+    import contextlib
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
+
+
+def sample_batch(model: nn.Module, seeds: Sequence[int], schedule: ScheduleConfig, sample: SampleConfig,
+                 shape: tuple[int, ...], device: torch.device, steps: int | None = None) -> torch.Tensor:
+    """uint8 [b, C, H, W] DDIM samples of ``model`` (on ``device``), one per seed."""
+    noise = initial_noise(seeds, shape).to(device)
+    # eta > 0: each image draws its step noise from its own generator (diffusers accepts a list)
+    gen = ([torch.Generator(device=device).manual_seed(int(s) + 1) for s in seeds] if sample.eta > 0 else None)
+    with autocast(device, sample.precision):
+        x = ddim_sample(model, noise, schedule, steps or sample.steps, sample.eta, gen)
+    return to_uint8(x).cpu()
+
+
 def generate(model: nn.Module, seeds: Sequence[int], schedule: ScheduleConfig, sample: SampleConfig,
              shape: tuple[int, ...], device: torch.device, desc: str = "sampling",
-             steps: int | None = None) -> Iterator[torch.Tensor]:
-    """Yield uint8 [b, C, H, W] batches of DDIM samples for ``seeds``, in order."""
+             steps: int | None = None, batches: Sequence[tuple[int, int]] | None = None) -> Iterator[torch.Tensor]:
+    """Yield uint8 [b, C, H, W] DDIM samples for ``seeds`` in batches of ``sample.batch_size``, in order
+    (or only the ``batches`` [lo, hi) ranges given: one process's share, deme/distributed.py)."""
+    from deme.distributed import batch_ranges
+
     model.to(device).eval()
-    bar = tqdm(total=len(seeds), desc=desc, unit="img", dynamic_ncols=True)
-    for lo in range(0, len(seeds), sample.batch_size):
-        batch = list(seeds[lo:lo + sample.batch_size])
-        noise = initial_noise(batch, shape).to(device)
-        # eta > 0: each image draws its step noise from its own generator (diffusers accepts a list)
-        gen = ([torch.Generator(device=device).manual_seed(int(s) + 1) for s in batch]
-               if sample.eta > 0 else None)
-        x = ddim_sample(model, noise, schedule, steps or sample.steps, sample.eta, gen)
-        bar.update(len(batch))
-        yield to_uint8(x).cpu()
+    batches = list(batches) if batches is not None else batch_ranges(len(seeds), sample.batch_size)
+    bar = tqdm(total=sum(hi - lo for lo, hi in batches), desc=desc, unit="img", dynamic_ncols=True)
+    for lo, hi in batches:
+        yield sample_batch(model, list(seeds[lo:hi]), schedule, sample, shape, device, steps)
+        bar.update(hi - lo)
     bar.close()
 
 

@@ -81,6 +81,20 @@ def stage_run(stage: str, profile: str, *, item: str | None = None, params: dict
         yield run
 
 
+class NullRun:
+    """Stands in for the MLflow run on the extra processes of `accelerate launch` (only rank 0 logs)."""
+
+    id = "--------"
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+@contextlib.contextmanager
+def null_run() -> Iterator[NullRun]:
+    yield NullRun()
+
+
 class CurveLog:
     """Training-curve logger: sends each point to MLflow and keeps it for a DVC plots CSV."""
 

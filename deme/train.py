@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -25,6 +26,7 @@ from deme.config import TrainConfig
 from deme.io import atomic_dir, derive_seed, write_json
 
 LogFn = Callable[[dict[str, float], int], None]
+EvalFn = Callable[[nn.Module, int], dict[str, float]]  # (EMA model, step) -> metrics, e.g. proxy FID
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -45,9 +47,11 @@ def to_model_range(images: torch.Tensor) -> torch.Tensor:
 
 
 class BatchStream:
-    """Micro-batch m of a run is a pure function of (seed, m): shuffled epochs, no replacement within one."""
+    """Micro-batch m of a run is a pure function of (seed, m): shuffled epochs, no replacement within one.
 
-    def __init__(self, images: torch.Tensor, batch_size: int, seed: int):
+    ``images`` is uint8 [n, H, W, 3], a tensor or a (memory-mapped) numpy array read batch by batch."""
+
+    def __init__(self, images, batch_size: int, seed: int):
         if len(images) < batch_size:
             raise ValueError(f"batch_size {batch_size} exceeds the dataset size {len(images)}")
         self.images, self.batch_size, self.seed = images, batch_size, seed
@@ -60,7 +64,9 @@ class BatchStream:
             g = torch.Generator().manual_seed(derive_seed(self.seed, "epoch", epoch))
             self._epoch, self._perm = epoch, torch.randperm(len(self.images), generator=g)
         idx = self._perm[k * self.batch_size:(k + 1) * self.batch_size]
-        return to_model_range(self.images[idx])
+        if isinstance(self.images, torch.Tensor):
+            return to_model_range(self.images[idx])
+        return to_model_range(torch.from_numpy(np.ascontiguousarray(self.images[idx.numpy()])))
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -73,10 +79,17 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def train(model: nn.Module, objective, images: torch.Tensor, cfg: TrainConfig, *, seed: int,
+def train(model: nn.Module, objective, images, cfg: TrainConfig, *, seed: int,
           device: torch.device, ckpt_dir: str | Path | None = None, fingerprint: str = "",
-          log: LogFn | None = None, desc: str = "train") -> nn.Module:
-    """Train ``model`` with ``objective`` for ``cfg.iterations`` optimizer steps; return the EMA model."""
+          log: LogFn | None = None, desc: str = "train", evaluate: EvalFn | None = None,
+          channels_last: bool = False, compile: bool = False) -> nn.Module:
+    """Train ``model`` with ``objective`` for ``cfg.iterations`` optimizer steps; return the EMA model.
+
+    Under ``accelerate launch`` every process trains on its own data stream (seeded by its rank) and
+    gradients are averaged (DDP); only the main process logs and writes checkpoints. ``evaluate`` is called
+    on every process with the EMA weights every ``cfg.eval_every`` steps (e.g. the FID-5K curve of
+    PAPER.md §1.6); its metrics are logged at that step.
+    """
     from accelerate import Accelerator
     from diffusers.training_utils import EMAModel
 
@@ -88,9 +101,12 @@ def train(model: nn.Module, objective, images: torch.Tensor, cfg: TrainConfig, *
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     model.to(acc.device)
+    if channels_last and acc.device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
     ema = EMAModel(model.parameters(), decay=cfg.ema_max_decay, use_ema_warmup=True,
                    inv_gamma=cfg.ema_inv_gamma, power=cfg.ema_power)
     model, optimizer = acc.prepare(model, optimizer)
+    forward_model = torch.compile(model) if compile else model
     if isinstance(objective, nn.Module):
         objective.to(acc.device)
     if getattr(objective, "teacher", None) is not None:
@@ -98,8 +114,8 @@ def train(model: nn.Module, objective, images: torch.Tensor, cfg: TrainConfig, *
     stream = BatchStream(images, cfg.batch_size, derive_seed(seed, "data", acc.process_index))
 
     ckpt_dir = Path(ckpt_dir) if ckpt_dir and cfg.ckpt_every else None
-    start = (_load_checkpoint(ckpt_dir, fingerprint, acc.unwrap_model(model), ema, optimizer, objective)
-             if ckpt_dir else 0)
+    start = (_load_checkpoint(ckpt_dir, fingerprint, acc.unwrap_model(model), ema, optimizer, objective,
+                              acc.scaler) if ckpt_dir else 0)
     with warnings.catch_warnings():  # fast-forward the LR schedule on resume (it is a function of the step)
         warnings.simplefilter("ignore")
         for _ in range(start):
@@ -116,7 +132,7 @@ def train(model: nn.Module, objective, images: torch.Tensor, cfg: TrainConfig, *
             x0 = stream(m).to(acc.device)
             gen = torch.Generator().manual_seed(derive_seed(seed, "step", m, acc.process_index))
             with acc.accumulate(model), acc.autocast():
-                loss, terms = objective(model, x0, gen)
+                loss, terms = objective(forward_model, x0, gen)
                 if not torch.isfinite(loss):
                     shown = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
                     last = f"; last good checkpoint: {ckpt_dir}" if ckpt_dir and ckpt_dir.exists() else ""
@@ -133,6 +149,13 @@ def train(model: nn.Module, objective, images: torch.Tensor, cfg: TrainConfig, *
             seen += x0.shape[0]
         ema.step(acc.unwrap_model(model).parameters())
         done = step + 1
+        if evaluate is not None and cfg.eval_every and done % cfg.eval_every == 0:
+            t_eval = time.perf_counter()
+            scores = _evaluate_ema(evaluate, acc.unwrap_model(model), ema, done)
+            model.train()
+            if log is not None and acc.is_main_process:
+                log(scores, done)
+            t0 += time.perf_counter() - t_eval  # keep images/s a training throughput
         if done % cfg.log_every == 0 or done == cfg.iterations:
             metrics = {k: sum(v) / len(v) for k, v in window.items()}
             metrics["ema_decay"] = ema.cur_decay_value or 0.0
@@ -143,12 +166,25 @@ def train(model: nn.Module, objective, images: torch.Tensor, cfg: TrainConfig, *
                 log(metrics, done)
             window, t0, seen = {}, time.perf_counter(), 0
         if ckpt_dir and done % cfg.ckpt_every == 0 and done < cfg.iterations and acc.is_main_process:
-            _save_checkpoint(ckpt_dir, done, fingerprint, acc.unwrap_model(model), ema, optimizer, objective)
+            _save_checkpoint(ckpt_dir, done, fingerprint, acc.unwrap_model(model), ema, optimizer, objective,
+                             acc.scaler)
     bar.close()
 
+    acc.wait_for_everyone()
     final = acc.unwrap_model(model)
     ema.copy_to(final.parameters())  # task vectors are computed from the EMA weights (PAPER.md §1.6)
     return final.eval()
+
+
+def _evaluate_ema(evaluate: EvalFn, model: nn.Module, ema, step: int) -> dict[str, float]:
+    """Run ``evaluate`` on the EMA weights, then put the training weights back."""
+    ema.store(model.parameters())
+    ema.copy_to(model.parameters())
+    try:
+        model.eval()
+        return evaluate(model, step)
+    finally:
+        ema.restore(model.parameters())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -156,7 +192,9 @@ def train(model: nn.Module, objective, images: torch.Tensor, cfg: TrainConfig, *
 
 
 def _save_checkpoint(path: Path, step: int, fingerprint: str, model: nn.Module, ema, optimizer,
-                     objective=None) -> None:
+                     objective=None, scaler=None) -> None:
+    """Model, EMA, optimiser, fp16 loss scaler, step and the objective's own state. No RNG state is needed:
+    every draw of step s comes from a generator seeded by (seed, s), see the module docstring."""
     from safetensors.torch import save_file
 
     with atomic_dir(path) as tmp:
@@ -165,13 +203,16 @@ def _save_checkpoint(path: Path, step: int, fingerprint: str, model: nn.Module, 
         save_file({str(i): p.detach().contiguous().cpu() for i, p in enumerate(ema.shadow_params)},
                   str(tmp / "ema.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if scaler is not None:
+            torch.save(scaler.state_dict(), tmp / "scaler.pt")
         extra = getattr(objective, "extra_state", None)  # e.g. ANT's Nash weights and step counter
         write_json(tmp / "state.json", {"step": step, "fingerprint": fingerprint,
                                          "ema_optimization_step": ema.optimization_step,
                                          "objective": extra() if extra else None})
 
 
-def _load_checkpoint(path: Path, fingerprint: str, model: nn.Module, ema, optimizer, objective=None) -> int:
+def _load_checkpoint(path: Path, fingerprint: str, model: nn.Module, ema, optimizer, objective=None,
+                     scaler=None) -> int:
     from safetensors.torch import load_file
 
     state_file = path / "state.json"
@@ -189,6 +230,8 @@ def _load_checkpoint(path: Path, fingerprint: str, model: nn.Module, ema, optimi
             p.data.copy_(shadow[str(i)].to(p.device))
         ema.optimization_step = state["ema_optimization_step"]
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        if scaler is not None and (path / "scaler.pt").exists():
+            scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
         if state.get("objective") is not None:
             objective.load_extra_state(state["objective"])
     except Exception as e:

@@ -2,7 +2,7 @@
 
 `baselines.difftuning.buffer_size` images by DDIM (`buffer_steps` steps, eta 0) from per-image seeds of
 their own range (disjoint from evaluation and search seeds). Written as a dataset file
-(buffers/<profile>/difftuning.npz) with a sample grid; the buffer is fixed, not refreshed during training.
+(buffers/<profile>/difftuning.npy) with a sample grid; the buffer is fixed, not refreshed during training.
 """
 import sys
 from pathlib import Path
@@ -15,11 +15,10 @@ from deme.cli import run_stage  # noqa: E402
 def body(ctx):
     import dataclasses
 
-    import numpy as np
     import torch
 
-    from deme.data import save_set
-    from deme.data.shapes import ShapeSet
+    from deme.data import save_images
+    from deme.distributed import current, gather_batches, my_batches
     from deme.evaluation import image_shape
     from deme.io import sample_seeds
     from deme.models import load_pretrained
@@ -31,11 +30,15 @@ def body(ctx):
     model = load_pretrained(cfg)
     seeds = sample_seeds("buffer", d.buffer_size, cfg.seed)
     sample = dataclasses.replace(cfg.sample, eta=0.0)
+    mine = my_batches(len(seeds), sample.batch_size, current())  # split over processes, gathered in order
     batches = list(generate(model, seeds, cfg.schedule, sample, image_shape(cfg), ctx.device,
-                            desc="retention buffer", steps=d.buffer_steps))
+                            desc="retention buffer", steps=d.buffer_steps, batches=mine))
+    batches = gather_batches(batches, -(-len(seeds) // sample.batch_size), current())
+    if not ctx.is_main:
+        return
     images = torch.cat(batches).permute(0, 2, 3, 1).numpy()
-    empty = np.full(len(images), -1)
-    save_set(paths.buffer, ShapeSet(images, empty, empty, empty, empty, [""] * len(images)))
+    paths.buffer.parent.mkdir(parents=True, exist_ok=True)
+    save_images(paths.buffer, images)
     grid = paths.samples("buffer")
     save_grid(images[:64], grid, nrow=8)
     ctx.run.log_artifact(grid, "samples")

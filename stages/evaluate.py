@@ -46,9 +46,8 @@ def load(name, cfg, paths):
 def body(ctx):
     import time
 
-    from deme.evaluation import feature_space, sample_features
+    from deme.evaluation import describe, feature_spaces, fids, load_references, sample_features
     from deme.io import sample_seeds, write_json
-    from deme.metrics.fid import Stats, fid_of_features
     from deme.models import count_parameters
     from deme.paths import Paths
     from deme.sample import save_grid
@@ -57,30 +56,41 @@ def body(ctx):
 
     cfg, name, paths = ctx.cfg, ctx.args.model, Paths(ctx.cfg.profile)
     models = load(name, cfg, paths)
-    space, ref = feature_space(cfg, ctx.device), Stats.load(paths.fid_ref)
+    spaces = feature_spaces(cfg, ctx.device)
+    refs = load_references(cfg, spaces)
+    headline = f"fid_{next(iter(spaces))}"
     seeds = sample_seeds("eval", cfg.sample.num_samples, cfg.seed)
-    fids, first, wall = [], None, 0.0
+    per_seed, first, wall = [], None, 0.0
     for k, model in enumerate(models):
         t0 = time.perf_counter()
-        feats, kept = sample_features(model, seeds, cfg, space, ctx.device, keep=cfg.sample.grid_size,
-                                      desc=f"evaluate@{name}" + (f" seed {k}" if len(models) > 1 else ""))
+        save_dir = (paths.samples(name).with_suffix("") / f"seed-{k}") if cfg.sample.save_images else None
+        feats, kept = sample_features(model, seeds, cfg, spaces, ctx.device, keep=cfg.sample.grid_size,
+                                      desc=f"evaluate@{name}" + (f" seed {k}" if len(models) > 1 else ""),
+                                      save_dir=save_dir)
         wall += time.perf_counter() - t0
-        fids.append(fid_of_features(feats, ref))
+        per_seed.append(fids(feats, refs))
         first = kept if first is None else first
-    fid = float(np.mean(fids))
+    if not ctx.is_main:
+        return
+    by_mode = {key: [s[key] for s in per_seed] for key in per_seed[0]}
+    fid_list = by_mode[headline]
+    fid = float(np.mean(fid_list))
     n_models = len(cfg.deme.intervals) if name == "ensemble" else 1
-    out = {"fid": fid, "fid_std": float(np.std(fids, ddof=1)) if len(fids) > 1 else 0.0, "fid_seeds": fids,
-           "training_seeds": len(fids), "num_samples": len(seeds), "sampler": cfg.sample.sampler,
-           "steps": cfg.sample.steps, "eta": cfg.sample.eta, "models": n_models,
-           "parameters_per_model": count_parameters(models[0]) // n_models,
-           "images_per_s": len(seeds) * len(models) / wall, **space.describe()}
+    out = {"fid": fid, "fid_std": float(np.std(fid_list, ddof=1)) if len(fid_list) > 1 else 0.0,
+           "fid_seeds": fid_list, **{key: float(np.mean(v)) for key, v in by_mode.items()},
+           "training_seeds": len(fid_list), "num_samples": len(seeds), "sampler": cfg.sample.sampler,
+           "steps": cfg.sample.steps, "eta": cfg.sample.eta, "sample_precision": cfg.sample.precision,
+           "models": n_models, "parameters_per_model": count_parameters(models[0]) // n_models,
+           "images_per_s": len(seeds) * len(models) / wall, "num_processes": cfg.runtime.num_processes,
+           **describe(spaces)}
     write_json(paths.metrics("evaluate", name), out)
     grid = paths.samples(name)
     save_grid(first, grid, nrow=int(len(first) ** 0.5))
-    ctx.run.log_metrics({"fid": fid, "images_per_s": out["images_per_s"]})
+    ctx.run.log_metrics({"fid": fid, "images_per_s": out["images_per_s"], **{k: out[k] for k in by_mode}})
     ctx.run.log_artifact(grid, "samples")
-    spread = f" ± {out['fid_std']:.4f} over {len(fids)} training seeds" if len(fids) > 1 else ""
-    ctx.note(f"{name}: FID {fid:.4f}{spread} from {len(seeds)} samples ({out['images_per_s']:.1f} img/s)")
+    spread = f" ± {out['fid_std']:.4f} over {len(fid_list)} training seeds" if len(fid_list) > 1 else ""
+    modes = ", ".join(f"{k} {out[k]:.4f}" for k in by_mode)
+    ctx.note(f"{name}: FID {fid:.4f}{spread} from {len(seeds)} samples ({modes}; {out['images_per_s']:.1f} img/s)")
     ctx.wrote(paths.metrics("evaluate", name))
     ctx.wrote(grid)
 

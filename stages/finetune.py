@@ -38,7 +38,7 @@ def make_objective(cfg, method, paths):
     """The per-batch loss of a single-model method."""
     import torch
 
-    from deme.data import load_set
+    from deme.data import load_images
     from deme.models import frozen_teacher
     from deme.objectives import ANTObjective, DiffTuningObjective, EpsObjective
     from deme.schedule import alphas_cumprod
@@ -61,18 +61,16 @@ def make_objective(cfg, method, paths):
     d = b.difftuning
     if d.variant == "kd":
         return DiffTuningObjective(ab, variant="kd", teacher=frozen_teacher(cfg), kd_weight=d.kd_weight)
-    buffer = load_set(paths.buffer)["images"]
+    buffer = load_images(paths.buffer)
     if len(buffer) != d.buffer_size:
         raise StageError(f"{paths.buffer} holds {len(buffer)} images, params say {d.buffer_size}: dvc repro buffer")
-    return DiffTuningObjective(ab, variant="buffer", buffer=to_model_range(torch.as_tensor(buffer)))
+    return DiffTuningObjective(ab, variant="buffer", buffer=to_model_range(torch.from_numpy(buffer.copy())))
 
 
 def body(ctx):
     import dataclasses
     import json
     import time
-
-    import torch
 
     from deme.data import load_images
     from deme.io import derive_seed, write_json
@@ -86,7 +84,7 @@ def body(ctx):
 
     cfg, args, paths = ctx.cfg, ctx.args, Paths(ctx.cfg.profile)
     d, T = cfg.deme, cfg.schedule.num_train_timesteps
-    images = torch.as_tensor(load_images(paths.train))
+    images = load_images(paths.train)
     settings = cfg.to_dict()
     if args.method:
         name, budget = args.method, dataclasses.replace(cfg.finetune, iterations=cfg.finetune.iterations * d.n)
@@ -107,6 +105,7 @@ def body(ctx):
                  f"consistency={d.consistency_loss and d.consistency_weight > 0}, projection={d.channel_projection}")
 
     curve, walls, losses = CurveLog(ctx.run), [], []
+    evaluate = fid_curve(ctx) if budget.eval_every else None
     for s, out in runs:
         model = load_pretrained(cfg)
         if args.method:
@@ -124,13 +123,19 @@ def body(ctx):
         log = curve if not s else None  # curves of the first seed
         t0 = time.perf_counter()
         model = train(model, objective, images, budget, seed=seed, device=ctx.device, ckpt_dir=ckpt, log=log,
-                      desc=f"finetune@{label}", fingerprint=json.dumps([key, name, s, seed]))
+                      desc=f"finetune@{label}", fingerprint=json.dumps([key, name, s, seed]),
+                      evaluate=evaluate if not s else None, channels_last=cfg.runtime.channels_last,
+                      compile=cfg.runtime.compile)
         walls.append(time.perf_counter() - t0)
+        if not ctx.is_main:  # the other processes of `accelerate launch` only train
+            continue
         save_model(model, out, cfg, seed=seed, steps=budget.iterations, **meta,
                    **({} if s is None else {"seed_index": s}))
         clear_checkpoint(ckpt)
-        losses.append(curve.rows[-1]["loss_eps"] if curve.rows else float("nan"))
+        losses.append(next((r["loss_eps"] for r in reversed(curve.rows) if "loss_eps" in r), float("nan")))
         ctx.wrote(out)
+    if not ctx.is_main:
+        return
     curve.save(paths.curve(f"finetune-{name}"))
     write_json(paths.metrics("train", name), {
         "loss_eps": losses[0], "wall_s": sum(walls) / len(walls), "wall_s_per_seed": walls,
@@ -140,10 +145,28 @@ def body(ctx):
         ctx.wrote(p)
 
 
+def fid_curve(ctx):
+    """FID of the EMA model on `finetune.eval_samples` samples (seeds of their own), for the training curve
+    (PAPER.md §1.6: FID-5K every 5K steps, to study 20K vs 200K iterations). Runs on every process."""
+    from deme.evaluation import feature_spaces, fid_of_model, load_references
+    from deme.io import sample_seeds
+
+    cfg = ctx.cfg
+    spaces = feature_spaces(cfg, ctx.device)
+    spaces = {m: spaces[m] for m in list(spaces)[:1]}
+    refs = load_references(cfg, spaces)
+    seeds = sample_seeds("curve", cfg.finetune.eval_samples, cfg.seed)
+
+    def evaluate(model, step):
+        return {"proxy_fid": fid_of_model(model, seeds, cfg, spaces, refs, ctx.device, desc=f"FID curve @{step}")}
+    return evaluate
+
+
 def tags(cfg, args):
     return {"method": args.method or "deme", "interval": "all" if args.method else args.interval, "seed": cfg.seed}
 
 
 if __name__ == "__main__":
     sys.exit(run_stage("finetune", __doc__, body, add_args=add_args, item=item, tags=tags,
-                       params=lambda c, a: {k: c.to_dict()[k] for k in ("seed", "finetune", "deme", "baselines")}))
+                       params=lambda c, a: {**{k: c.to_dict()[k] for k in ("seed", "finetune", "deme", "baselines")},
+                                            "runtime.num_processes": c.runtime.num_processes}))

@@ -21,10 +21,9 @@ def body(ctx):
 
     import pandas as pd
 
-    from deme.evaluation import feature_space, fid_of_model
+    from deme.evaluation import feature_spaces, fid_of_model, load_references
     from deme.io import atomic_write_text, sample_seeds, write_json
     from deme.merge import Scorer, coordinate_search, grid_search, merged_model, task_vector
-    from deme.metrics.fid import Stats
     from deme.models import load_model, load_pretrained, model_meta, save_model
     from deme.paths import Paths
     from deme.projection import add_channel_projection
@@ -44,7 +43,9 @@ def body(ctx):
     base_state = base.state_dict()
     vectors = [task_vector(mod.state_dict(), base_state) for mod in models]
     del models
-    space, ref = feature_space(cfg, ctx.device), Stats.load(paths.fid_ref)
+    spaces = feature_spaces(cfg, ctx.device)
+    spaces = {m: spaces[m] for m in list(spaces)[:1]}  # the search is scored in the headline mode
+    refs = load_references(cfg, spaces)
     seeds = sample_seeds("search", m.proxy_samples, cfg.seed)
 
     # resumable cache of scored candidates, valid only for the same models and search settings
@@ -59,11 +60,13 @@ def body(ctx):
                 row = json.loads(line)
                 cache[tuple(row["w"])] = row["fid"]
             ctx.note(f"[resume] {len(cache)} scored candidates reused from {ckpt}")
-    if not cache:
+    if not cache and ctx.is_main:
         atomic_write_text(ckpt, key + "\n")
     order = [0]
 
     def on_new(w, fid, phase):
+        if not ctx.is_main:
+            return
         with open(ckpt, "a") as f:
             f.write(json.dumps({"w": list(w), "fid": fid}) + "\n")
         order[0] += 1
@@ -71,7 +74,8 @@ def body(ctx):
         print(f"  candidate {order[0]:3d} {phase:8s} w=({', '.join(f'{x:.3f}' for x in w)})  proxy FID {fid:.4f}")
 
     def score(w):
-        return fid_of_model(merged_model(base, vectors, w), seeds, cfg, space, ref, ctx.device,
+        # every process scores its share of the samples and gets the same FID, so all take the same path
+        return fid_of_model(merged_model(base, vectors, w), seeds, cfg, spaces, refs, ctx.device,
                             desc="merge candidate")
 
     t0 = time.perf_counter()
@@ -83,6 +87,8 @@ def body(ctx):
         best = grid_search(scorer, d.n, m.coarse, m.refine_step, m.refine_rounds, m.bounds)
     best_fid = scorer.cache[best]
 
+    if not ctx.is_main:
+        return
     merged = merged_model(base, vectors, best)
     save_model(merged, paths.merged, cfg, method="deme-merged", weights=list(best), proxy_fid=best_fid)
 

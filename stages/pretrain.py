@@ -1,6 +1,11 @@
-"""Stage `pretrain` (tiny profiles): train the stand-in for google/ddpm-cifar10-32 from scratch.
+"""Stage `pretrain`: the pretrained model theta, written to models/<profile>/pretrained.
 
-A diffusers UNet2DModel, DDPM with T=1000 linear betas 1e-4..0.02, epsilon prediction, EMA; saved with
+Hub profiles (cifar10, church, bedroom; model.source: hub) import the checkpoint (model.pretrained_id from the
+Hugging Face cache with HF_HUB_OFFLINE=1, or model.local_path), check that it is the profile's UNet
+(model.unet, data.resolution) and save it as safetensors, so DVC pins the exact weights every later stage
+uses. A missing checkpoint stops at once with the command that fetches it.
+
+Tiny profiles (model.source: train) train the stand-in for google/ddpm-cifar10-32 from scratch: a diffusers UNet2DModel, DDPM with T=1000 linear betas 1e-4..0.02, epsilon prediction, EMA; saved with
 save_pretrained so the rest of the pipeline loads it exactly as it loads the real checkpoints. It is
 deliberately short-trained: good but clearly imperfect, so finetuning has room to help.
 Resumable: rerun after a crash and it continues from the last checkpoint in .ckpt/.
@@ -10,7 +15,26 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from deme.cli import StageError, run_stage  # noqa: E402
+from deme.cli import run_stage  # noqa: E402
+
+
+def import_checkpoint(ctx):
+    """model.source: hub -> models/<profile>/pretrained (safetensors), after checking the architecture."""
+    from deme.io import atomic_write_text, write_json
+    from deme.models import check_architecture, count_parameters, fetch_checkpoint, save_model
+    from deme.paths import Paths
+
+    cfg, paths = ctx.cfg, Paths(ctx.cfg.profile)
+    model, source = fetch_checkpoint(cfg)
+    check_architecture(model, cfg)
+    n = count_parameters(model)
+    save_model(model, paths.pretrained, cfg, method="import", source=source, pretrained_id=cfg.model.pretrained_id)
+    write_json(paths.metrics("train", "pretrain"), {"source": source, "parameters": n, "iterations": 0})
+    atomic_write_text(paths.curve("pretrain"), "step,loss\n")  # no pretraining curve for an imported model
+    ctx.note(f"imported {source}: UNet2DModel with {n:,} parameters ({n / 1e6:.2f}M)")
+    ctx.run.log_metrics({"parameters": n})
+    ctx.wrote(paths.pretrained)
+    ctx.wrote(paths.metrics("train", "pretrain"))
 
 
 def body(ctx):
@@ -29,10 +53,9 @@ def body(ctx):
     from deme.train import clear_checkpoint, train
 
     cfg, paths = ctx.cfg, Paths(ctx.cfg.profile)
-    if cfg.model.source != "train":
-        raise StageError(f"profile {cfg.profile!r} loads {cfg.model.pretrained_id or cfg.model.local_path}; "
-                         "the pretrain stage only trains tiny profiles (model.source: train)")
-    images = torch.as_tensor(load_images(paths.train))
+    if cfg.model.source == "hub":
+        return import_checkpoint(ctx)
+    images = load_images(paths.train)
     seed = derive_seed(cfg.seed, "pretrain")
     torch.manual_seed(seed)
     model = build_unet(cfg)

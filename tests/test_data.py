@@ -68,64 +68,67 @@ def test_foreground_colour_is_present(small_set):
 
 
 def test_save_load_round_trip(tmp_path, small_set):
-    p = tmp_path / "deep" / "train.npz"
+    p = tmp_path / "deep" / "train.npy"
+    p.parent.mkdir()
     save_set(p, small_set)
     out = load_set(p)
     assert np.array_equal(out["images"], small_set.images) and out["images"].dtype == np.uint8
+    assert isinstance(out["images"], np.memmap), "images are read memory-mapped"
     for k in ("shape", "color", "background", "size"):
         assert np.array_equal(out[k], getattr(small_set, k))
     assert list(out["captions"]) == small_set.captions
     assert np.array_equal(load_images(p), small_set.images)
-    assert not [f for f in p.parent.iterdir() if f.name != "train.npz"], "temporary files left behind"
+    names = sorted(f.name for f in p.parent.iterdir())
+    assert names == ["train.meta.npz", "train.npy"], f"temporary files left behind: {names}"
 
 
 def test_truncated_file_raises_value_error_naming_path(tmp_path, small_set):
-    p = tmp_path / "train.npz"
+    p = tmp_path / "train.npy"
     save_set(p, small_set)
     data = p.read_bytes()
-    for cut in (0, 10, len(data) // 2, len(data) - 10):
-        bad = tmp_path / f"cut{cut}.npz"
+    for cut in (0, 10, 100, len(data) // 2, len(data) - 10):
+        bad = tmp_path / f"cut{cut}.npy"
         bad.write_bytes(data[:cut])
         with pytest.raises(ValueError) as e:
             load_set(bad)
         assert str(bad) in str(e.value)
-        assert "dvc repro data" in str(e.value)
+        assert "dvc repro prepare" in str(e.value)
 
 
 def test_garbage_file_raises_value_error(tmp_path):
-    bad = tmp_path / "x.npz"
+    bad = tmp_path / "x.npy"
     bad.write_bytes(b"\x00" * 100)
-    with pytest.raises(ValueError, match="x.npz"):
+    with pytest.raises(ValueError, match="x.npy"):
         load_set(bad)
 
 
 def test_wrong_content_raises_value_error(tmp_path):
-    p = tmp_path / "wrong.npz"
-    np.savez(p, images=np.zeros((2, 16, 16, 3), np.float32))
+    p = tmp_path / "wrong.npy"
+    np.save(p, np.zeros((2, 16, 16, 3), np.float32))
     with pytest.raises(ValueError, match="uint8"):
         load_set(p)
-    q = tmp_path / "noimages.npz"
-    np.savez(q, labels=np.zeros(3))
-    with pytest.raises(ValueError, match="noimages.npz"):
+    q = tmp_path / "gray.npy"
+    np.save(q, np.zeros((2, 16, 16), np.uint8))
+    with pytest.raises(ValueError, match="gray.npy"):
         load_set(q)
 
 
-def test_corrupted_compressed_member_raises_value_error_naming_path(tmp_path, small_set):
-    p = tmp_path / "train.npz"
+def test_corrupted_label_file_raises_value_error_naming_path(tmp_path, small_set):
+    p = tmp_path / "train.npy"
     save_set(p, small_set)
-    data = p.read_bytes()
+    meta = tmp_path / "train.meta.npz"
+    data = meta.read_bytes()
     problems = []
     for pos in (200, len(data) // 4, len(data) // 2):
         rot = bytearray(data)
         for j in range(16):
             rot[pos + j] ^= 0xFF
-        bad = tmp_path / f"rot{pos}.npz"
-        bad.write_bytes(bytes(rot))
+        meta.write_bytes(bytes(rot))
         try:
-            load_set(bad)
+            load_set(p)
             problems.append(f"{pos}: loaded without error")
         except ValueError as e:
-            if str(bad) not in str(e):
+            if str(meta) not in str(e):
                 problems.append(f"{pos}: ValueError without the path: {e}")
         except Exception as e:  # noqa: BLE001 - the bug: any other exception type
             problems.append(f"{pos}: {type(e).__module__}.{type(e).__name__}: {e}")
@@ -134,6 +137,6 @@ def test_corrupted_compressed_member_raises_value_error_naming_path(tmp_path, sm
 
 def test_missing_file_names_dvc_repro(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
-        load_set(tmp_path / "nope.npz")
+        load_set(tmp_path / "nope.npy")
     assert "dvc repro" in str(e.value)
-    assert "nope.npz" in str(e.value)
+    assert "nope.npy" in str(e.value)

@@ -82,7 +82,7 @@ def test_one_mlflow_run_per_stage_with_tags(micro_repo):
     runs = _runs(work)
     names = sorted(r.info.run_name for r in runs)
     single = ["plain", "min_snr", "p2", "snr_plus_one", "trunc_snr", "ant_uw", "ant_nash", "difftuning"]
-    expected = sorted(["data", "featnet", "fid_ref", "pretrain", "finetune@interval-1", "finetune@interval-2",
+    expected = sorted(["prepare", "featnet", "fid_ref", "pretrain", "finetune@interval-1", "finetune@interval-2",
                        "buffer", "merge", "evaluate@pretrained", "evaluate@ensemble", "evaluate@merged", "report"]
                       + [f"finetune@{m}" for m in single] + [f"evaluate@{m}" for m in single])
     assert names == expected
@@ -120,7 +120,7 @@ def test_finetune_param_makes_exactly_its_dependents_stale(micro_repo):
         assert params.read_text() != original
         stale = _stale(work, env)
         assert {"finetune@1", "finetune@2", "finetune_plain", "finetune_baseline@p2", "finetune_difftuning"} <= stale
-        assert not stale & {"data", "featnet", "fid_ref", "pretrain", "buffer", "evaluate@pretrained"}
+        assert not stale & {"prepare", "featnet", "fid_ref", "pretrain", "buffer", "evaluate@pretrained"}
     finally:
         params.write_text(original)
     assert _stale(work, env) == set()

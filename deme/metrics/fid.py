@@ -61,6 +61,22 @@ def features(batches: Iterable[torch.Tensor], num: int, space: FeatureSpace, bat
                                    verbose=False, custom_fn_resize=space.resize or _identity_resize)
 
 
+def batch_features(batch: torch.Tensor, space: FeatureSpace) -> np.ndarray:
+    """Features of one uint8 [b, 3, H, W] batch, exactly as clean-fid's ``get_model_features`` computes a
+    batch (per-image resize of the HWC uint8 array, then ``get_batch_features``): used where one sampled batch
+    feeds several feature spaces, or where batches are split over processes."""
+    from cleanfid.fid import get_batch_features
+
+    if space.mode == "legacy_tensorflow":  # clean-fid resizes inside the network in this mode
+        resized = batch.float()
+    else:
+        resize = space.resize or _identity_resize
+        resized = torch.cat([torch.tensor(resize(img.numpy().transpose((1, 2, 0))).transpose((2, 0, 1))).unsqueeze(0)
+                             for img in batch.cpu()])
+    space.net.to(space.device).eval()
+    return get_batch_features(resized, space.net, space.device)
+
+
 def array_batches(images: np.ndarray, batch_size: int) -> Iterator[torch.Tensor]:
     """uint8 [n, H, W, 3] -> uint8 [b, 3, H, W] torch batches."""
     for lo in range(0, len(images), batch_size):
