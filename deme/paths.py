@@ -30,6 +30,10 @@ class Paths:
         """Reference FID statistics of one clean-fid mode."""
         return self._p("stats", self.profile, f"fid_ref_{mode}.npz")
 
+    def fid_heldout(self, mode: str) -> Path:
+        """Statistics of the held-out set, when the headline reference is another (training images, built-in)."""
+        return self._p("stats", self.profile, f"fid_heldout_{mode}.npz")
+
     # models
     @property
     def pretrained(self) -> Path:

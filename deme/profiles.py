@@ -66,7 +66,7 @@ _TINY = {
     # (measured: pretrained FID 503 at eta 0 vs 327 at eta 1). Real profiles use eta 0 (PAPER.md §1.9).
     "sample": {"sampler": "ddim", "steps": 50, "eta": 1.0, "batch_size": 200, "num_samples": 800,
                "grid_size": 64, "precision": "fp32", "save_images": False},
-    "fid": {"feature_net": "featnet", "modes": ["clean"], "reference": "ref", "reference_samples": 0,
+    "fid": {"feature_net": "featnet", "modes": ["clean"], "reference": "ref", "builtin": "", "reference_samples": 0,
             "inception_weights": "", "batch_size": 500},
     "runtime": {"device": "auto", "num_threads": 0, "num_processes": 1, "channels_last": False, "compile": False},
 }

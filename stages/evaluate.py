@@ -57,7 +57,7 @@ def body(ctx):
     cfg, name, paths = ctx.cfg, ctx.args.model, Paths(ctx.cfg.profile)
     models = load(name, cfg, paths)
     spaces = feature_spaces(cfg, ctx.device)
-    refs = load_references(cfg, spaces)
+    refs, held = load_references(cfg, spaces), load_references(cfg, spaces, heldout=True)
     headline = f"fid_{next(iter(spaces))}"
     seeds = sample_seeds("eval", cfg.sample.num_samples, cfg.seed)
     per_seed, first, wall = [], None, 0.0
@@ -68,7 +68,7 @@ def body(ctx):
                                       desc=f"evaluate@{name}" + (f" seed {k}" if len(models) > 1 else ""),
                                       save_dir=save_dir)
         wall += time.perf_counter() - t0
-        per_seed.append(fids(feats, refs))
+        per_seed.append({**fids(feats, refs), **(fids(feats, held, "fid_heldout") if held else {})})
         first = kept if first is None else first
     if not ctx.is_main:
         return

@@ -2,8 +2,10 @@
 
 Features of the held-out reference set through clean-fid's model-feature path give the reference
 statistics (stats/<profile>/fid_ref_<mode>.npz, one per clean-fid mode). The reference set is `fid.reference`:
-the held-out images (tiny) or the training images (CIFAR10 / LSUN convention, PAPER.md §8.3), optionally a
-seeded subset of `fid.reference_samples`. The floor is the FID of as many images of the *other* set as the
+the held-out images (tiny), the training images (CIFAR10 / LSUN convention, PAPER.md §8.3; optionally a
+seeded subset of `fid.reference_samples`), or clean-fid's cached built-in statistics (`fid.builtin`, e.g.
+cifar10/train). With a training-set or built-in reference, the held-out set gets statistics of its own
+(stats/<profile>/fid_heldout_<mode>.npz) and the evaluation reports FID against both. The floor is the FID of as many images of the *other* set as the
 evaluation generates against those statistics: no model can be expected to beat it at that sample size.
 Runs split over processes under `accelerate launch`.
 """
@@ -21,33 +23,48 @@ def body(ctx):
     from deme.data import load_images
     from deme.evaluation import array_features, describe, feature_spaces
     from deme.io import derive_seed, write_json
-    from deme.metrics.fid import Stats, fid_of_features
+    from deme.metrics.fid import Stats, builtin_stats, fid_of_features
     from deme.paths import Paths
 
     cfg, paths, f = ctx.cfg, Paths(ctx.cfg.profile), ctx.cfg.fid
     spaces = feature_spaces(cfg, ctx.device)
-    sets = {"ref": load_images(paths.ref), "train": load_images(paths.train)}
-    ref_images, other = sets[f.reference], sets["train" if f.reference == "ref" else "ref"]
-    if f.reference_samples and f.reference_samples < len(ref_images):  # a seeded subset, kept in order
-        rng = np.random.default_rng(derive_seed(cfg.seed, "fid_ref"))
-        ref_images = ref_images[np.sort(rng.choice(len(ref_images), f.reference_samples, replace=False))]
-    ref_feats = array_features(ref_images, spaces, f.batch_size, desc=f"reference ({f.reference})")
+    heldout, train = load_images(paths.ref), load_images(paths.train)
+    refs, feats = {}, {}
+    if f.reference == "builtin":  # clean-fid's cached statistics, per mode (PAPER.md §8.3)
+        dataset, split = f.builtin.split("/")
+        refs = {m: builtin_stats(dataset, split, cfg.data.resolution, m) for m in spaces}
+        num_ref, ref_label = "?", f"clean-fid built-in {f.builtin}"
+    else:
+        ref_images = heldout if f.reference == "ref" else train
+        if f.reference_samples and f.reference_samples < len(ref_images):  # a seeded subset, kept in order
+            rng = np.random.default_rng(derive_seed(cfg.seed, "fid_ref"))
+            ref_images = ref_images[np.sort(rng.choice(len(ref_images), f.reference_samples, replace=False))]
+        feats = array_features(ref_images, spaces, f.batch_size, desc=f"reference ({f.reference})")
+        refs = {m: Stats.of(x) for m, x in feats.items()}
+        num_ref, ref_label = len(ref_images), f"{f.reference} images"
+    # the floor: as many images of a set the reference does not contain as the evaluation generates
+    other = train if f.reference == "ref" else heldout
     n = min(cfg.sample.num_samples, len(other))
     floor_feats = array_features(other[:n], spaces, f.batch_size, desc="floor")
+    # a held-out reference beside a training-set one, where the data has a held-out set (PAPER.md §8.3)
+    held = (array_features(heldout, spaces, f.batch_size, desc="held-out reference")
+            if f.reference != "ref" else None)
     if not ctx.is_main:
         return
-    out = {"num_ref": len(ref_images), "reference": f.reference, "num_floor": n, **describe(spaces)}
+    out = {"num_ref": num_ref, "reference": f.reference, "reference_set": ref_label, "num_floor": n,
+           "num_heldout": len(heldout) if held else 0, **describe(spaces)}
     for mode, space in spaces.items():
-        ref = Stats.of(ref_feats[mode])
-        ref.save(paths.fid_ref(mode), **space.describe(), reference=f.reference)
-        out[f"fid_floor_{mode}"] = fid_of_features(floor_feats[mode], ref)
+        refs[mode].save(paths.fid_ref(mode), **space.describe(), reference=ref_label)
         ctx.wrote(paths.fid_ref(mode))
+        out[f"fid_floor_{mode}"] = fid_of_features(floor_feats[mode], refs[mode])
+        if held:
+            Stats.of(held[mode]).save(paths.fid_heldout(mode), **space.describe(), reference="held-out images")
+            ctx.wrote(paths.fid_heldout(mode))
     out["fid_floor"] = out[f"fid_floor_{next(iter(spaces))}"]
     write_json(paths.metrics("fid_ref"), out)
     ctx.run.log_metrics({k: v for k, v in out.items() if k.startswith("fid_floor")})
     floor_set = "training" if f.reference == "ref" else "held-out"
-    ctx.note(f"data-vs-data floor: FID {out['fid_floor']:.3f} ({n} {floor_set} images vs {len(ref_images)} "
-             f"{f.reference} images)")
+    ctx.note(f"data-vs-data floor: FID {out['fid_floor']:.3f} ({n} {floor_set} images vs {num_ref} {ref_label})")
     ctx.wrote(paths.metrics("fid_ref"))
 
 

@@ -105,7 +105,7 @@ def body(ctx):
                  f"consistency={d.consistency_loss and d.consistency_weight > 0}, projection={d.channel_projection}")
 
     curve, walls, losses = CurveLog(ctx.run), [], []
-    evaluate = fid_curve(ctx) if budget.eval_every else None
+    evaluate = fid_curve(ctx, None if args.method else args.interval) if budget.eval_every else None
     for s, out in runs:
         model = load_pretrained(cfg)
         if args.method:
@@ -145,19 +145,27 @@ def body(ctx):
         ctx.wrote(p)
 
 
-def fid_curve(ctx):
+def fid_curve(ctx, interval=None):
     """FID of the EMA model on `finetune.eval_samples` samples (seeds of their own), for the training curve
-    (PAPER.md §1.6: FID-5K every 5K steps, to study 20K vs 200K iterations). Runs on every process."""
+    (PAPER.md §1.6: FID-5K every 5K steps, to study 20K vs 200K iterations). Runs on every process.
+    A DeMe interval model is scored inside the ensemble it will serve: the pretrained model at every other
+    interval's timesteps, the model being trained at its own (PAPER.md §1.7)."""
     from deme.evaluation import feature_spaces, fid_of_model, load_references
     from deme.io import sample_seeds
+    from deme.models import frozen_teacher
+    from deme.sample import Ensemble
 
     cfg = ctx.cfg
     spaces = feature_spaces(cfg, ctx.device)
     spaces = {m: spaces[m] for m in list(spaces)[:1]}
     refs = load_references(cfg, spaces)
     seeds = sample_seeds("curve", cfg.finetune.eval_samples, cfg.seed)
+    base = frozen_teacher(cfg, ctx.device) if interval is not None else None
 
     def evaluate(model, step):
+        if base is not None:
+            model = Ensemble([model if i == interval else base for i in cfg.deme.intervals],
+                             cfg.schedule.num_train_timesteps)
         return {"proxy_fid": fid_of_model(model, seeds, cfg, spaces, refs, ctx.device, desc=f"FID curve @{step}")}
     return evaluate
 

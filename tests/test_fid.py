@@ -158,3 +158,38 @@ def test_stats_load_file_without_keys(tmp_path):
     np.savez(p, something=np.zeros(3))
     with pytest.raises(ValueError, match="other.npz"):
         Stats.load(p)
+
+
+# ----------------------------------------------------------------------------------------- several spaces, built-ins
+
+def test_array_features_equal_clean_fids_get_model_features(space, shapes_a):
+    """deme.evaluation's per-batch path (one sampled batch, several feature spaces) computes exactly what
+    clean-fid's get_model_features computes, with an identity and with a real clean-fid resizer."""
+    from cleanfid.resize import make_resizer
+
+    from deme.evaluation import array_features
+
+    resized = FeatureSpace(space.net, "featnet-resized", "0" * 64, resize=make_resizer("PIL", False, "bicubic", (24, 24)))
+    images = shapes_a[:70]  # 70 = 2 * 32 + 6
+    ours = array_features(images, {"a": space, "b": resized}, 32, desc="test")
+    assert np.array_equal(ours["a"], _features(images, space, bs=32))
+    assert np.array_equal(ours["b"], _features(images, resized, bs=32))
+    assert not np.allclose(ours["a"], ours["b"])  # the resize mattered
+
+
+def test_builtin_stats_from_clean_fids_cache_or_a_clear_error(tmp_path, monkeypatch):
+    import cleanfid
+
+    from deme.metrics.fid import builtin_stats, builtin_stats_path
+
+    monkeypatch.setattr(cleanfid, "__file__", str(tmp_path / "cleanfid" / "__init__.py"))
+    path = builtin_stats_path("cifar10", "train", 32, "legacy_pytorch")
+    assert path == tmp_path / "cleanfid" / "stats" / "cifar10_legacy_pytorch_train_32.npz"
+    with pytest.raises(FileNotFoundError) as e:
+        builtin_stats("cifar10", "train", 32, "legacy_pytorch")
+    assert str(path) in str(e.value) and "clean-fid/stats/cifar10_legacy_pytorch_train_32.npz" in str(e.value)
+    path.parent.mkdir(parents=True)
+    mu, sigma = np.arange(3.0), np.eye(3) * 2
+    np.savez(path, mu=mu, sigma=sigma)
+    s = builtin_stats("cifar10", "train", 32, "legacy_pytorch")
+    assert np.array_equal(s.mu, mu) and np.array_equal(s.sigma, sigma)

@@ -140,6 +140,100 @@ def test_exp_run_of_one_baseline_hparam_reruns_only_that_baseline(micro_repo):
     assert all(r.data.tags["dvc_exp"] == exp_runs[0].data.tags["dvc_exp"] for r in exp_runs)
 
 
+def _params_with(work: Path, name: str, **sections) -> Path:
+    """A copy of the micro params.yaml with some keys overridden (section -> {key: value})."""
+    from deme.config import deep_update, read_params
+    from deme.profiles import dump_yaml
+
+    path = work / name
+    path.write_text(dump_yaml(deep_update(read_params(work / "params.yaml"), sections)))
+    return path
+
+
+def test_two_processes_give_the_single_process_fid(micro_repo):
+    """`accelerate launch --num_processes 2` on CPU (through deme.launch): the FID reference statistics and an
+    evaluation FID equal the single-process ones for the same seeds, bit for bit."""
+    import numpy as np
+
+    work, env, _ = micro_repo
+    saved = {p: p.read_bytes() for p in [work / "metrics/micro/evaluate/merged.json", work / "metrics/micro/fid_ref.json",
+                                         *sorted((work / "stats/micro").iterdir())]}
+    results = {}
+    for n in (1, 2):  # batches of 16: 4 sample batches, split 2 + 2 over the processes
+        params = _params_with(work, f"params-{n}.yaml", runtime={"num_processes": n}, sample={"batch_size": 16},
+                              fid={"batch_size": 16})
+        out = _run([sys.executable, "-m", "deme.launch", "stages/fid_ref.py", "--params", params.name], work, env)
+        stats = np.load(work / "stats/micro/fid_ref_clean.npz")
+        _run([sys.executable, "-m", "deme.launch", "stages/evaluate.py", "--model", "merged", "--params", params.name],
+             work, env)
+        results[n] = (stats["mu"].copy(), stats["sigma"].copy(),
+                      json.loads((work / "metrics/micro/evaluate/merged.json").read_text()))
+        if n == 2:
+            assert "accelerate launch" in out.stdout or "[launch]" in out.stdout
+    (mu1, s1, m1), (mu2, s2, m2) = results[1], results[2]
+    assert m2["num_processes"] == 2 and m1["num_processes"] == 1
+    assert np.array_equal(mu1, mu2) and np.array_equal(s1, s2)
+    assert m1["fid"] == m2["fid"], (m1["fid"], m2["fid"])
+    runs = [r for r in _runs(work) if r.data.tags.get("num_processes") == "2"]
+    assert {r.data.tags["stage"] for r in runs} == {"fid_ref", "evaluate"}  # one run per execution, from rank 0
+    for path, data in saved.items():  # leave the pipeline's own outputs as they were
+        path.write_bytes(data)
+
+
+def test_two_process_training_runs(micro_repo):
+    """DDP finetuning on CPU (gloo) through deme.launch: both processes train, rank 0 saves and logs once."""
+    work, env, _ = micro_repo
+    params = _params_with(work, "params-ddp.yaml", runtime={"num_processes": 2})
+    target = work / "models/micro/deme/interval-1"
+    saved = {p: p.read_bytes() for p in target.iterdir()}
+    _run([sys.executable, "-m", "deme.launch", "stages/finetune.py", "--interval", "1", "--params", params.name],
+         work, env)
+    from deme.models import load_model, model_meta
+
+    assert load_model(target) is not None and model_meta(target)["interval"] == 1
+    runs = [r for r in _runs(work) if r.data.tags.get("num_processes") == "2" and r.data.tags["stage"] == "finetune"]
+    assert len(runs) == 1 and "loss" in runs[0].data.metrics
+    for p, data in saved.items():
+        p.write_bytes(data)
+
+
+def test_killed_finetuning_resumes_to_the_uninterrupted_weights(micro_repo):
+    """SIGKILL a finetuning stage after a checkpoint, rerun it: it resumes and ends with the same weights,
+    bit for bit, as an uninterrupted run (CPU, deterministic per-step seeds)."""
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    work, env, _ = micro_repo
+    params = _params_with(work, "params-kill.yaml", finetune={"iterations": 120, "ckpt_every": 20, "log_every": 20},
+                          runtime={"num_threads": 1})
+    cmd = [sys.executable, "stages/finetune.py", "--method", "plain", "--params", params.name]
+    out = work / "models/micro/plain/seed-0/diffusion_pytorch_model.safetensors"
+    state = work / ".ckpt/micro/finetune-plain-seed0/state.json"
+    shutil.rmtree(state.parent, ignore_errors=True)
+    _run(cmd, work, env)
+    reference = load_file(str(out))
+
+    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and json.loads(state.read_text() or "{}").get("step", 0) >= 60:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed; raise iterations"
+    killed_at = json.loads(state.read_text())["step"]
+    assert 0 < killed_at < 240
+    resumed = _run(cmd, work, env)
+    assert f"resuming at step {killed_at}" in resumed.stdout
+    after = load_file(str(out))
+    assert after.keys() == reference.keys()
+    assert all(bool((after[k] == reference[k]).all()) for k in reference)
+    assert not state.parent.exists(), "the checkpoint is cleared after a finished run"
+
+
 def test_several_training_seeds_give_mean_and_std(micro_repo):
     """baselines.seeds=2: one model per seed, evaluated separately, mean ± std in the metrics and the report.
     Runs the stage CLIs directly on the micro outputs (last test of the module: it rewrites outputs)."""

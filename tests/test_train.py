@@ -391,3 +391,32 @@ def test_cosine_schedule_resume_equals_uninterrupted(ab, random_images, tmp_path
     resumed = train(randomize_(make_tiny_unet(), seed=1), EpsObjective(ab, 0, 1000), random_images, cfg, seed=3,
                     device=CPU, ckpt_dir=ckpt, fingerprint="f", desc="resume")
     assert _states_equal(_state(ref), _state(resumed))
+
+
+# ----------------------------------------------------------------------------------------- FID curve hook
+
+def test_evaluate_hook_sees_the_ema_weights_and_leaves_training_untouched(ab, random_images):
+    """train(evaluate=...) is called every eval_every steps with the EMA weights (PAPER.md §1.6 FID curves),
+    its metrics are logged at that step, and the run ends with exactly the weights of a run without it."""
+    init = make_tiny_unet(seed=8)
+    cfg = _cfg(iterations=6, eval_every=2, log_every=3, ema_max_decay=0.9)
+    seen, logged = [], {}
+
+    def evaluate(model, step):
+        assert not model.training
+        seen.append((step, _state(model)))
+        return {"proxy_fid": float(step)}
+
+    with_hook = train(copy.deepcopy(init), EpsObjective(ab), random_images, cfg, seed=4, device=CPU,
+                      evaluate=evaluate, log=lambda m, s: logged.setdefault(s, {}).update(m))
+    plain = train(copy.deepcopy(init), EpsObjective(ab), random_images, cfg, seed=4, device=CPU)
+    assert [s for s, _ in seen] == [2, 4, 6]
+    assert {s: m["proxy_fid"] for s, m in logged.items() if "proxy_fid" in m} == {2: 2.0, 4: 4.0, 6: 6.0}
+    assert "loss" in logged[3] and "loss" in logged[6]
+    assert _states_equal(_state(with_hook), _state(plain)), "evaluating changed the training run"
+    # at the last step the hook saw the EMA weights, which are what train() returns
+    assert _states_equal(seen[-1][1], _state(plain))
+    # and those differ from the raw weights of that step (the EMA is not the live model)
+    raw = train(copy.deepcopy(init), EpsObjective(ab), random_images,
+                _cfg(iterations=6, ema_max_decay=0.0, ema_power=100.0), seed=4, device=CPU)
+    assert not _states_equal(seen[-1][1], _state(raw))

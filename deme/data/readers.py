@@ -25,7 +25,6 @@ and written into a memory-mapped .npy, never held in RAM together.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import pickle
 import sys
@@ -36,7 +35,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from deme.io import write_json
+from deme.io import sha256_file, write_json
 
 
 class DataError(ValueError):
@@ -443,14 +442,6 @@ def _write_set(out: Path, source: Source, indices: np.ndarray, *, resolution: in
     return written
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def prepare(fmt: str, path: str | Path, out_dir: str | Path, *, resolution: int, crop: str = "random",
             num_train: int = 0, num_ref: int = 0, ref_path: str | Path = "", seed: int = 0,
             on_corrupt: str = "skip", progress: bool = True, ref_crop: str = "center") -> dict:
@@ -517,7 +508,7 @@ def prepare(fmt: str, path: str | Path, out_dir: str | Path, *, resolution: int,
         "num_ref_available": ref[0],
         "num_train": n_train,
         "num_ref": n_ref,
-        "sha256": {"train.npy": _sha256(out_dir / "train.npy"), "ref.npy": _sha256(out_dir / "ref.npy")},
+        "sha256": {"train.npy": sha256_file(out_dir / "train.npy"), "ref.npy": sha256_file(out_dir / "ref.npy")},
         "skipped": skips.items,
     }
     write_json(out_dir / "manifest.json", manifest)

@@ -114,6 +114,30 @@ class Stats:
             raise ValueError(f"{path}: corrupt FID statistics ({e}); rerun: dvc repro fid_ref") from None
 
 
+CLEANFID_STATS_URL = "https://www.cs.cmu.edu/~clean-fid/stats"
+
+
+def builtin_stats_path(dataset: str, split: str, res: int, mode: str) -> Path:
+    """Where clean-fid keeps its downloaded reference statistics (cleanfid/stats/<name>_<mode>_<split>_<res>.npz)."""
+    import cleanfid
+
+    return Path(cleanfid.__file__).parent / "stats" / f"{dataset}_{mode}_{split}_{res}.npz".lower()
+
+
+def builtin_stats(dataset: str, split: str, res: int, mode: str) -> Stats:
+    """clean-fid's built-in statistics (e.g. cifar10 train 32, lsun_church train 256), from its cache only."""
+    path = builtin_stats_path(dataset, split, res, mode)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: clean-fid's built-in statistics for {dataset}/{split} at {res} ({mode}) "
+                                f"are not cached; on a connected machine: curl -L {CLEANFID_STATS_URL}/{path.name} "
+                                f"-o {path} (or set fid.reference: train to build them from the data)")
+    try:
+        with np.load(path) as z:
+            return Stats(z["mu"], z["sigma"], 0)  # count unknown: clean-fid's files do not record it
+    except Exception as e:
+        raise ValueError(f"{path}: corrupt clean-fid statistics ({e}); delete it and fetch it again") from None
+
+
 def frechet_distance(a: Stats, b: Stats) -> float:
     from cleanfid import fid as cfid
 

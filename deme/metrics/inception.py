@@ -19,7 +19,6 @@ re-laid out (:func:`_pytorch_fid_state_dict`); tests/test_inception.py checks th
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import platform
 import warnings
@@ -29,6 +28,7 @@ from unittest import mock
 import torch
 from torch import nn
 
+from deme.io import sha256_file
 from deme.metrics.fid import FeatureSpace
 
 MODES = ("clean", "legacy_pytorch", "legacy_tensorflow")
@@ -101,11 +101,7 @@ def sha256_of(path: str | Path) -> str:
     st = Path(path).stat()
     key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
     if key not in _SHA:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _SHA[key] = h.hexdigest()
+        _SHA[key] = sha256_file(path)
     return _SHA[key]
 
 
