@@ -363,6 +363,11 @@ def bench_arch(arch: str, a, device: torch.device, spaces: dict, net_rates: dict
 # report
 
 
+def num(v: float) -> str:
+    """A rate or time with 3 significant digits at most below 100 (CPU rates are tiny)."""
+    return f"{v:.1f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
@@ -375,35 +380,35 @@ def table(results: dict, env: dict) -> tuple[list[list[str]], list[dict]]:
         n, s, dm = res["train_naive_fp32"], res["train_suite_plain"], res["train_suite_deme"]
         ratio, over = res["train_ratio_suite_over_naive"], res["deme_overhead_plain_over_deme"]
         p = c["train_precision"]
-        rows.append([arch, "train: naive fp32 eager loop (baseline)", f"{n['images_per_s']:.1f}", "img/s",
+        rows.append([arch, "train: naive fp32 eager loop (baseline)", num(n['images_per_s']), "img/s",
                      f"{n['s_per_step'] * 1e3:.1f} ms/step"])
         t_ok = ratio >= TARGET_TRAIN_RATIO
-        rows.append([arch, f"train: suite loop, plain eps ({p})", f"{s['images_per_s']:.1f}", "img/s",
+        rows.append([arch, f"train: suite loop, plain eps ({p})", num(s['images_per_s']), "img/s",
                      f"{ratio:.2f}x baseline; target >= {TARGET_TRAIN_RATIO:.2f}x: {verdict(t_ok)}"])
         targets.append({"arch": arch, "target": f"suite train img/s >= {TARGET_TRAIN_RATIO}x fp32 eager",
                         "measured": ratio, "verdict": verdict(t_ok), "valid": not caveat})
         o_ok = over <= TARGET_DEME_OVERHEAD
-        rows.append([arch, f"train: suite loop, DeMe step ({p})", f"{dm['images_per_s']:.1f}", "img/s",
+        rows.append([arch, f"train: suite loop, DeMe step ({p})", num(dm['images_per_s']), "img/s",
                      f"overhead {over:.2f}x (plain/DeMe); target <= {TARGET_DEME_OVERHEAD:.2f}x: {verdict(o_ok)}"])
         targets.append({"arch": arch, "target": f"DeMe step cost <= {TARGET_DEME_OVERHEAD}x plain (suite loop)",
                         "measured": over, "verdict": verdict(o_ok), "valid": not caveat})
         sm = res["sampling"]
         rows.append([arch, f"sample: DDIM-{sm['ddim_steps']} eta {sm['eta']:g} ({sm['precision']}), batch {sm['batch']}",
-                     f"{sm['images_per_s']:.2f}", "img/s", ""])
+                     num(sm['images_per_s']), "img/s", ""])
         for mode, f in res["features"].items():
-            rows.append([arch, f"inception {mode}: resize to 299 + net", f"{f['images_per_s']:.1f}", "img/s",
+            rows.append([arch, f"inception {mode}: resize to 299 + net", num(f['images_per_s']), "img/s",
                          f"batch {f['batch']}"])
-            rows.append([arch, f"inception {mode}: net only (299 input)", f"{f['network_only_images_per_s']:.1f}",
+            rows.append([arch, f"inception {mode}: net only (299 input)", num(f['network_only_images_per_s']),
                          "img/s", ""])
         m = res["fid50k_projected_minutes"]
-        parts = ", ".join(f"{k.replace('features_', '')} {v:.2f}" for k, v in m.items() if k != "total")
+        parts = ", ".join(f"{k.replace('features_', '')} {num(v)}" for k, v in m.items() if k != "total")
         note = parts
         if arch in TARGET_FID_MIN:
             f_ok = m["total"] < TARGET_FID_MIN[arch]
             note += f"; target < {TARGET_FID_MIN[arch]:g} min: {verdict(f_ok)}"
             targets.append({"arch": arch, "target": f"FID-50K under {TARGET_FID_MIN[arch]:g} min on one H100",
                             "measured": m["total"], "verdict": verdict(f_ok), "valid": not caveat})
-        rows.append([arch, "FID-50K projected: sample + both modes", f"{m['total']:.2f}", "min", note])
+        rows.append([arch, "FID-50K projected: sample + both modes", num(m['total']), "min", note])
         for k, v in (("train peak (naive / plain / DeMe)", (n, s, dm)), ("sample peak", (sm,))):
             if all(x["peak_gib"] is not None for x in v):
                 rows.append([arch, k, " / ".join(f"{x['peak_gib']:.1f}" for x in v), "GiB", ""])

@@ -34,12 +34,25 @@ def shapes(ctx, out):
             **{f"train_{name}": int(np.sum(train.shape == i)) for i, name in enumerate(SHAPES)}}
 
 
+# How to get each dataset on a connected machine (README, Paper-scale profiles; PAPER.md §8.2).
+FETCH = {
+    "cifar10": "fetch it with: curl -LO https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz && "
+               "mkdir -p datasets/cifar10 && tar xzf cifar-10-python.tar.gz -C datasets/cifar10",
+    "lsun_church": "fetch it with: huggingface-cli download tglcourse/lsun_church_train --repo-type dataset "
+                   "--local-dir datasets/lsun_church_train",
+    "lsun_bedroom": "put the LSUN bedroom_train_lmdb export (pip install lmdb) or a folder of its images there "
+                    "(https://github.com/fyu/lsun: python download.py -c bedroom)",
+}
+
+
 def real(ctx, out):
     from deme.data.readers import DataError, detect_format, prepare
 
     d = ctx.cfg.data
     if not d.path:
         raise StageError(f"data.path: set it to where the {d.kind} dataset lives (see README, Paper-scale profiles)")
+    if not Path(d.path).exists():
+        raise StageError(f"data.path={d.path}: not found; {FETCH.get(d.kind, 'see README, Paper-scale profiles')}")
     try:
         fmt = detect_format(d.path) if d.format == "auto" else d.format
         manifest = prepare(fmt, d.path, out, resolution=d.resolution, crop=d.crop, num_train=d.num_train,

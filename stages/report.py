@@ -121,9 +121,12 @@ def body(ctx):
             "## Feature network and data floor",
             "",
             "| quantity | value (ours) |", "|---|---|",
-            *[f"| held-out accuracy: {k.removeprefix('accuracy_')} | {v:.3f} |" for k, v in feat.items()],
-            f"| data-vs-data floor FID ({ref.get('num_floor', '?')} training vs held-out images) | "
-            f"{ref.get('fid_floor', float('nan')):.4f} |",
+            *([f"| held-out accuracy: {k.removeprefix('accuracy_')} | {v:.3f} |" for k, v in feat.items()]
+              if cfg.fid.feature_net == "featnet" else
+              [f"| Inception-v3 ({mode}) | sha256 {str(sha)[:16]}… |" for mode, sha in feat.items()]),
+            *[f"| data-vs-data floor FID, {key.removeprefix('fid_floor_')} ({ref.get('num_floor', '?')} "
+              f"{'training' if ref.get('reference', 'ref') == 'ref' else 'held-out'} images vs the reference) | "
+              f"{value:.4f} |" for key, value in ref.items() if key.startswith("fid_floor_")],
             "",
             "## Training curves",
             "",
