@@ -41,7 +41,7 @@ def body(ctx):
             ref_images = ref_images[np.sort(rng.choice(len(ref_images), f.reference_samples, replace=False))]
         feats = array_features(ref_images, spaces, f.batch_size, desc=f"reference ({f.reference})")
         refs = {m: Stats.of(x) for m, x in feats.items()}
-        num_ref, ref_label = len(ref_images), f"{f.reference} images"
+        num_ref, ref_label = len(ref_images), {"ref": "held-out images", "train": "training images"}[f.reference]
     # the floor: as many images of a set the reference does not contain as the evaluation generates
     other = train if f.reference == "ref" else heldout
     n = min(cfg.sample.num_samples, len(other))
