@@ -54,7 +54,7 @@ def my_batches(n: int, batch_size: int, dist: Dist) -> list[tuple[int, int]]:
     return [r for b, r in enumerate(batch_ranges(n, batch_size)) if b % dist.world == dist.rank]
 
 
-def gather_batches(local: Sequence[Any], n_batches: int, dist: Dist) -> list[Any]:
+def gather_batches(local: Sequence[Any], dist: Dist) -> list[Any]:
     """Every process's per-batch results (in :func:`my_batches` order) -> all results in batch order,
     on every process."""
     if dist.world == 1:
@@ -63,22 +63,4 @@ def gather_batches(local: Sequence[Any], n_batches: int, dist: Dist) -> list[Any
 
     parts: list[list[Any]] = [None] * dist.world  # type: ignore[list-item]
     td.all_gather_object(parts, list(local))
-    return [parts[b % dist.world][b // dist.world] for b in range(n_batches)]
-
-
-def barrier(dist: Dist) -> None:
-    if dist.world > 1:
-        import torch.distributed as td
-
-        td.barrier()
-
-
-def broadcast(value: Any, dist: Dist) -> Any:
-    """The main process's ``value`` on every process."""
-    if dist.world == 1:
-        return value
-    import torch.distributed as td
-
-    box = [value if dist.is_main else None]
-    td.broadcast_object_list(box, src=0)
-    return box[0]
+    return [parts[b % dist.world][b // dist.world] for b in range(sum(map(len, parts)))]

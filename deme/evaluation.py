@@ -20,8 +20,9 @@ from deme.metrics.fid import FeatureSpace, Stats, batch_features, fid_of_feature
 from deme.paths import Paths
 
 
-def feature_spaces(cfg: Config, device: torch.device) -> dict[str, FeatureSpace]:
-    """The profile's FID feature spaces, keyed by clean-fid mode; the first is the headline FID."""
+def feature_spaces(cfg: Config, device: torch.device, headline: bool = False) -> dict[str, FeatureSpace]:
+    """The profile's FID feature spaces, keyed by clean-fid mode; the first is the headline FID
+    (``headline``: build only that one, for the merge search and training curves)."""
     if cfg.fid.feature_net == "featnet":  # tiny: the featnet stage's classifier, identity resize
         from deme.metrics.featnet import load_featnet
 
@@ -29,7 +30,8 @@ def feature_spaces(cfg: Config, device: torch.device) -> dict[str, FeatureSpace]
         return {"clean": FeatureSpace(net=net, name="featnet", sha256=sha, mode="clean", device=device)}
     from deme.metrics.inception import inception_space
 
-    return {mode: inception_space(mode, device, cfg.fid.inception_weights) for mode in cfg.fid.modes}
+    modes = cfg.fid.modes[:1] if headline else cfg.fid.modes
+    return {mode: inception_space(mode, device, cfg.fid.inception_weights) for mode in modes}
 
 
 def describe(spaces: dict[str, FeatureSpace]) -> dict:
@@ -51,7 +53,7 @@ def image_shape(cfg: Config) -> tuple[int, int, int]:
     return (3, cfg.data.resolution, cfg.data.resolution)
 
 
-def stream_features(batches: Iterable[torch.Tensor], mine: Sequence[tuple[int, int]], n_batches: int,
+def stream_features(batches: Iterable[torch.Tensor], mine: Sequence[tuple[int, int]],
                     spaces: dict[str, FeatureSpace], keep: int = 0,
                     on_batch=None) -> tuple[dict[str, np.ndarray], torch.Tensor | None]:
     """Features of this process's uint8 batches (item ranges ``mine``) in every space, gathered from all
@@ -62,7 +64,7 @@ def stream_features(batches: Iterable[torch.Tensor], mine: Sequence[tuple[int, i
         local.append(({m: batch_features(batch, s) for m, s in spaces.items()}, kept))
         if on_batch is not None:
             on_batch(batch, lo)
-    everything = gather_batches(local, n_batches, current())
+    everything = gather_batches(local, current())
     feats = {m: np.concatenate([f[m] for f, _ in everything]) for m in spaces}
     kept = [k for _, k in everything if k is not None]
     return feats, (torch.cat(kept) if kept else None)
@@ -75,14 +77,12 @@ def sample_features(model: nn.Module, seeds: Sequence[int], cfg: Config, spaces:
     ``save_dir``: also write every sample as PNG (named by its index), e.g. for an external FID tool."""
     from deme.sample import generate
 
-    bs = cfg.sample.batch_size
-    mine = my_batches(len(seeds), bs, current())
-    n_batches = -(-len(seeds) // bs)
+    mine = my_batches(len(seeds), cfg.sample.batch_size, current())
     if cfg.runtime.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     save = (lambda batch, lo: _save_pngs(batch, Path(save_dir), lo)) if save_dir is not None else None
     batches = generate(model, seeds, cfg.schedule, cfg.sample, image_shape(cfg), device, desc=desc, batches=mine)
-    return stream_features(batches, mine, n_batches, spaces, keep, save)
+    return stream_features(batches, mine, spaces, keep, save)
 
 
 def _save_pngs(batch: torch.Tensor, folder: Path, first: int) -> None:
@@ -114,5 +114,5 @@ def array_features(images: np.ndarray, spaces: dict[str, FeatureSpace], batch_si
     mine = my_batches(len(images), batch_size, current())
     batches = (torch.as_tensor(np.ascontiguousarray(images[lo:hi])).permute(0, 3, 1, 2).contiguous()
                for lo, hi in tqdm(mine, desc=desc, unit="batch", dynamic_ncols=True))
-    feats, _ = stream_features(batches, mine, -(-len(images) // batch_size), spaces)
+    feats, _ = stream_features(batches, mine, spaces)
     return feats

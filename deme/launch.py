@@ -13,7 +13,9 @@ import sys
 
 
 def command(script: str, args: list[str], num_processes: int) -> list[str]:
-    if num_processes == 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    from deme.distributed import launched
+
+    if num_processes == 1 or launched():
         return [sys.executable, script, *args]
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
     if accelerate is None:

@@ -33,7 +33,7 @@ def body(ctx):
     mine = my_batches(len(seeds), sample.batch_size, current())  # split over processes, gathered in order
     batches = list(generate(model, seeds, cfg.schedule, sample, image_shape(cfg), ctx.device,
                             desc="retention buffer", steps=d.buffer_steps, batches=mine))
-    batches = gather_batches(batches, -(-len(seeds) // sample.batch_size), current())
+    batches = gather_batches(batches, current())
     if not ctx.is_main:
         return
     images = torch.cat(batches).permute(0, 2, 3, 1).numpy()

@@ -29,7 +29,6 @@ def body(ctx):
     cfg, paths, f = ctx.cfg, Paths(ctx.cfg.profile), ctx.cfg.fid
     spaces = feature_spaces(cfg, ctx.device)
     heldout, train = load_images(paths.ref), load_images(paths.train)
-    refs, feats = {}, {}
     if f.reference == "builtin":  # clean-fid's cached statistics, per mode (PAPER.md §8.3)
         dataset, split = f.builtin.split("/")
         refs = {m: builtin_stats(dataset, split, cfg.data.resolution, m) for m in spaces}
@@ -42,13 +41,14 @@ def body(ctx):
         feats = array_features(ref_images, spaces, f.batch_size, desc=f"reference ({f.reference})")
         refs = {m: Stats.of(x) for m, x in feats.items()}
         num_ref, ref_label = len(ref_images), {"ref": "held-out images", "train": "training images"}[f.reference]
-    # the floor: as many images of a set the reference does not contain as the evaluation generates
-    other = train if f.reference == "ref" else heldout
-    n = min(cfg.sample.num_samples, len(other))
-    floor_feats = array_features(other[:n], spaces, f.batch_size, desc="floor")
     # a held-out reference beside a training-set one, where the data has a held-out set (PAPER.md §8.3)
     held = (array_features(heldout, spaces, f.batch_size, desc="held-out reference")
             if f.reference != "ref" else None)
+    # the floor: as many images of a set the reference does not contain as the evaluation generates
+    other = train if f.reference == "ref" else heldout
+    n = min(cfg.sample.num_samples, len(other))
+    floor_feats = (array_features(other[:n], spaces, f.batch_size, desc="floor") if held is None
+                   else {m: x[:n] for m, x in held.items()})
     if not ctx.is_main:
         return
     out = {"num_ref": num_ref, "reference": f.reference, "reference_set": ref_label, "num_floor": n,

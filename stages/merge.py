@@ -43,8 +43,7 @@ def body(ctx):
     base_state = base.state_dict()
     vectors = [task_vector(mod.state_dict(), base_state) for mod in models]
     del models
-    spaces = feature_spaces(cfg, ctx.device)
-    spaces = {m: spaces[m] for m in list(spaces)[:1]}  # the search is scored in the headline mode
+    spaces = feature_spaces(cfg, ctx.device, headline=True)  # the search is scored in the headline mode
     refs = load_references(cfg, spaces)
     seeds = sample_seeds("search", m.proxy_samples, cfg.seed)
 

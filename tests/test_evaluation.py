@@ -60,7 +60,7 @@ def test_batches_are_dealt_round_robin_and_gathered_in_order():
     parts = [dealt[r] for r in range(3)]
     order = [parts[b % 3][b // 3] for b in range(7)]
     assert order == [f"b{lo}" for lo, _ in batch_ranges(50, 8)]
-    assert gather_batches(["x", "y"], 2, Dist()) == ["x", "y"]
+    assert gather_batches(["x", "y"], Dist()) == ["x", "y"]
 
 
 def test_heldout_references_are_optional(cfg, spaces, tmp_path, monkeypatch):
