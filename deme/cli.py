@@ -75,11 +75,13 @@ def run_stage(name: str, doc: str | None, body: Callable[[StageContext], None], 
     ap = argparse.ArgumentParser(prog=f"stages/{name}.py", description=doc,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+    ap.add_argument("--t2i", action="store_true",
+                    help="run for the text-to-image pipeline (the `t2i:` section of the parameters file)")
     if add_args:
         add_args(ap)
     args = ap.parse_args(argv)
     try:
-        cfg = load_config(args.params)
+        cfg = load_config(args.params, "t2i" if args.t2i else None)
     except ConfigError as e:
         print(f"error: {args.params}: {e}", file=sys.stderr)
         return 2
@@ -99,7 +101,8 @@ def run_stage(name: str, doc: str | None, body: Callable[[StageContext], None], 
     t0 = time.perf_counter()
     try:
         opened = (stage_run(name, cfg.profile, item=it, params=params(cfg, args) if params else None,
-                            tags={**(tags(cfg, args) if tags else {}), "num_processes": dist.world})
+                            tags={**(tags(cfg, args) if tags else {}), "num_processes": dist.world,
+                                  "task": cfg.task})
                   if dist.is_main else null_run())
         with opened as run:
             ctx = StageContext(cfg, args, run)

@@ -41,7 +41,7 @@ def _check(key: str, ok: bool, message: str) -> None:
 # Sections. Comments cite ../shared/PAPER.md; defaults are the tiny profile's unless stated.
 
 
-DATA_KINDS = ("shapes", "cifar10", "lsun_church", "lsun_bedroom")
+DATA_KINDS = ("shapes", "cifar10", "lsun_church", "lsun_bedroom", "laion")
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class DataConfig:
     """The training and reference images (PAPER.md §8.2). ``shapes`` is generated; the rest are read by the
     ``prepare`` stage from what the user has at ``path`` (formats: deme/data/readers.py)."""
 
-    kind: str = "shapes"  # shapes (tiny, generated) | cifar10 | lsun_church | lsun_bedroom
+    kind: str = "shapes"  # shapes (tiny, generated) | cifar10 | lsun_church | lsun_bedroom | laion (captioned)
     resolution: int = 16
     num_train: int = 10_000  # shapes: images generated; real kinds: a seeded subset of this size (0 = all)
     num_ref: int = 2_000  # held-out reference images (real kinds: 0 = the whole held-out split)
@@ -336,11 +336,17 @@ class MergeConfig:
         _check(f"{k}.proxy_samples", self.proxy_samples >= 16, "must be >= 16")
 
 
+SCHEDULER_ALIASES = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "ddpm": "DDPMScheduler",
+                     "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler",
+                     "dpm": "DPMSolverMultistepScheduler", "heun": "HeunDiscreteScheduler",
+                     "lms": "LMSDiscreteScheduler", "unipc": "UniPCMultistepScheduler"}
+
+
 @dataclass(frozen=True)
 class SampleConfig:
     """Sampler of the evaluation and the merge search (PAPER.md §1.9: DDIM-50, eta 0)."""
 
-    sampler: str = "ddim"
+    sampler: str = "ddim"  # image profiles: ddim; t2i: pndm (SD v1.4, PAPER.md §1.9), an alias or any diffusers *Scheduler
     steps: int = 50
     eta: float = 0.0
     batch_size: int = 250
@@ -350,7 +356,16 @@ class SampleConfig:
     save_images: bool = False  # also write every evaluated sample as PNG (samples/<profile>/<model>/)
 
     def validate(self, k: str) -> None:
-        _choice(f"{k}.sampler", self.sampler, ("ddim",))
+        if self.sampler not in SCHEDULER_ALIASES:
+            import diffusers
+
+            _check(f"{k}.sampler", self.sampler.endswith("Scheduler") and hasattr(diffusers, self.sampler),
+                   f"unknown sampler {self.sampler!r}; allowed: {', '.join(SCHEDULER_ALIASES)} or a diffusers "
+                   f"*Scheduler class name")
+
+    @property
+    def scheduler_class(self) -> str:
+        return SCHEDULER_ALIASES.get(self.sampler, self.sampler)
         _choice(f"{k}.precision", self.precision, ("fp32", "fp16", "bf16"))
         _check(f"{k}.steps", 1 <= self.steps <= 1000, "must be in [1, 1000]")
         _check(f"{k}.eta", 0 <= self.eta <= 1, "must be in [0, 1]")
@@ -376,6 +391,7 @@ class FeatNetConfig:
 
 
 FID_MODES = ("clean", "legacy_pytorch", "legacy_tensorflow")
+TASKS = ("image", "t2i")
 
 
 @dataclass(frozen=True)
@@ -420,9 +436,182 @@ class RuntimeConfig:
         _check(f"{k}.num_processes", 1 <= self.num_processes <= 64, "must be in [1, 64]")
 
 
+# ----------------------------------------------------------------------------------------------------
+# Text-to-image (PAPER.md §1.6 SD column, §1.9, §3.2, §8). Used by profiles whose ``task`` is ``t2i``.
+
+COND_DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
+COND_UP = ("CrossAttnUpBlock2D", "UpBlock2D")
+
+
+@dataclass(frozen=True)
+class CondUNetConfig:
+    """A UNet2DConditionModel architecture: trained from scratch (tiny_t2i) or the expected shape of the
+    Stable Diffusion checkpoint's ``unet/`` (sd14: CompVis/stable-diffusion-v1-4, 859.5M parameters)."""
+
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
+    layers_per_block: int = 1
+    down_block_types: list[str] = field(default_factory=lambda: ["CrossAttnDownBlock2D", "DownBlock2D"])
+    up_block_types: list[str] = field(default_factory=lambda: ["UpBlock2D", "CrossAttnUpBlock2D"])
+    cross_attention_dim: int = 32  # = the text encoder's hidden size (SD v1.4: 768)
+    attention_head_dim: int = 8
+    norm_num_groups: int = 8
+
+    def validate(self, k: str) -> None:
+        n = len(self.block_out_channels)
+        _check(f"{k}.block_out_channels", n >= 1 and all(c > 0 for c in self.block_out_channels),
+               "must be a non-empty list of positive ints")
+        for name, allowed in (("down_block_types", COND_DOWN), ("up_block_types", COND_UP)):
+            _check(f"{k}.{name}", len(getattr(self, name)) == n,
+                   f"needs one entry per block_out_channels entry ({n})")
+            for i, t in enumerate(getattr(self, name)):
+                _choice(f"{k}.{name}[{i}]", t, allowed)
+        _check(f"{k}.norm_num_groups", all(c % self.norm_num_groups == 0 for c in self.block_out_channels),
+               f"must divide every block_out_channels entry, got {self.norm_num_groups}")
+        _check(f"{k}.layers_per_block", self.layers_per_block >= 1, "must be >= 1")
+        _check(f"{k}.cross_attention_dim", self.cross_attention_dim >= 1, "must be >= 1")
+        _check(f"{k}.attention_head_dim", self.attention_head_dim >= 1, "must be >= 1")
+
+    def kwargs(self) -> dict:
+        """Keyword arguments of diffusers.UNet2DConditionModel (without sample_size and channels)."""
+        d = dataclasses.asdict(self)
+        for name in ("block_out_channels", "down_block_types", "up_block_types"):
+            d[name] = tuple(d[name])
+        return d
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """The tiny_t2i autoencoder (an AutoencoderKL trained by the pretrain stage: MSE + kl_weight x KL).
+    Real profiles take the checkpoint's own VAE; only ``scaling_factor`` is read from it."""
+
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64])  # downsampling 2^(len-1)
+    latent_channels: int = 4
+    layers_per_block: int = 1
+    norm_num_groups: int = 8
+    iterations: int = 400
+    batch_size: int = 64
+    lr: float = 1e-3
+    kl_weight: float = 1e-6
+
+    @property
+    def factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    def validate(self, k: str) -> None:
+        _check(f"{k}.block_out_channels", len(self.block_out_channels) >= 1
+               and all(c > 0 and c % self.norm_num_groups == 0 for c in self.block_out_channels),
+               f"must be positive multiples of norm_num_groups ({self.norm_num_groups})")
+        for name in ("latent_channels", "layers_per_block", "iterations", "batch_size"):
+            _check(f"{k}.{name}", getattr(self, name) >= 1, "must be >= 1")
+        _check(f"{k}.lr", 0 < self.lr < 1, "must be in (0, 1)")
+        _check(f"{k}.kl_weight", self.kl_weight >= 0, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """The tiny_t2i text encoder: a transformers CLIPTextModel (random, frozen, as SD's encoder is frozen)
+    with the real CLIP BPE tokenizer built offline from the vocabulary open_clip ships."""
+
+    hidden_size: int = 32  # must equal pipeline.unet.cross_attention_dim
+    layers: int = 2
+    heads: int = 2
+    intermediate_size: int = 64
+    max_length: int = 16  # tokens per prompt (SD: 77)
+
+    def validate(self, k: str) -> None:
+        for name in ("hidden_size", "layers", "heads", "intermediate_size"):
+            _check(f"{k}.{name}", getattr(self, name) >= 1, "must be >= 1")
+        _check(f"{k}.hidden_size", self.hidden_size % self.heads == 0, "must be divisible by heads")
+        _check(f"{k}.max_length", 4 <= self.max_length <= 77, "must be in [4, 77]")
+
+
+@dataclass(frozen=True)
+class T2IConfig:
+    """Conditioning, guidance and the frozen components of the text-to-image profiles."""
+
+    unet: CondUNetConfig = field(default_factory=CondUNetConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    guidance_scale: float = 7.5  # classifier-free guidance (PAPER.md §1.9: UNSPECIFIED, diffusers default)
+    caption_dropout: float = 0.0  # finetuning: prompts replaced by '' with this probability (PAPER.md §1.6: none)
+    pretrain_caption_dropout: float = 0.1  # tiny_t2i pretraining, so that the model has an unconditional branch
+
+    def validate(self, k: str) -> None:
+        self.unet.validate(f"{k}.unet")
+        self.vae.validate(f"{k}.vae")
+        self.text_encoder.validate(f"{k}.text_encoder")
+        _check(f"{k}.guidance_scale", 0 <= self.guidance_scale <= 50, "must be in [0, 50]")
+        for name in ("caption_dropout", "pretrain_caption_dropout"):
+            _check(f"{k}.{name}", 0 <= getattr(self, name) < 1, "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    """The CLIP-score model (PAPER.md §1.9, §8.3): open_clip ``model`` with ``pretrained`` weights, read from
+    ``local_path`` or the cache (never downloaded by a stage). ``train``: the clip stage trains a small
+    open_clip model contrastively on the profile's captions instead (tiny_t2i)."""
+
+    model: str = "ViT-g-14"
+    pretrained: str = "laion2b_s34b_b88k"  # BK-SDM's tag (DeMe leaves it UNSPECIFIED)
+    local_path: str = ""  # an open_clip checkpoint file, or a folder with open_clip_config.json + weights
+    cache_dir: str = ""  # open_clip / Hugging Face cache to look in; '' = the default HF cache
+    batch_size: int = 64
+    train: bool = False
+    # the small model of ``train`` (tiny_t2i)
+    embed_dim: int = 64
+    width: int = 64
+    layers: int = 2
+    heads: int = 2
+    patch_size: int = 4
+    context_length: int = 16
+    iterations: int = 600
+    train_batch_size: int = 128
+    lr: float = 1e-3
+
+    def validate(self, k: str) -> None:
+        _check(f"{k}.model", bool(self.model), "must name an open_clip model")
+        for name in ("batch_size", "embed_dim", "width", "layers", "heads", "patch_size", "iterations",
+                     "train_batch_size"):
+            _check(f"{k}.{name}", getattr(self, name) >= 1, "must be >= 1")
+        _check(f"{k}.width", self.width % self.heads == 0, "must be divisible by heads")
+        _check(f"{k}.context_length", 4 <= self.context_length <= 77, "must be in [4, 77]")
+        _check(f"{k}.lr", 0 < self.lr < 1, "must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class BenchmarksConfig:
+    """Zero-shot text-to-image benchmarks (PAPER.md §3.2, §8.3). Files are the user's; the prepare stage
+    validates them (counts, missing images, encoding errors by line). tiny_t2i writes its own stand-ins
+    (held-out shapes captions, a class-name template, compositional prompts)."""
+
+    coco_prompts: str = ""  # BK-SDM mscoco_val2014_30k/metadata.csv (file_name,text), >= coco_count rows
+    coco_images: str = ""  # the val2014 image folder: FID reference = every image, resized to fid_resolution
+    coco_count: int = 30_000  # prompts evaluated; the merge search uses the next merge.proxy_samples rows
+    imagenet_classes: str = ""  # one class name per line (1000)
+    imagenet_template: str = "a photo of a {}"  # PAPER.md §3.2 [OURS]
+    imagenet_per_class: int = 2
+    imagenet_images: str = ""  # ImageNet val folder (FID reference, center-crop to fid_resolution)
+    parti_prompts: str = ""  # PartiPrompts.tsv (column 'Prompt') or a .txt with one prompt per line
+    parti_count: int = 0  # 0 = all (1,632)
+    fid_resolution: int = 256  # generated and reference images are resized to this for FID (BK-SDM)
+    reference_samples: int = 0  # seeded subset of each FID reference (0 = all)
+    grid_prompts: int = 8  # prompts in the prompt-by-model grid of the report
+
+    def validate(self, k: str) -> None:
+        _check(f"{k}.coco_count", self.coco_count >= 1, "must be >= 1")
+        _check(f"{k}.imagenet_per_class", self.imagenet_per_class >= 1, "must be >= 1")
+        _check(f"{k}.imagenet_template", self.imagenet_template.count("{}") == 1,
+               f"must contain '{{}}' once (the class name), got {self.imagenet_template!r}")
+        _check(f"{k}.parti_count", self.parti_count >= 0, "must be >= 0 (0 = all)")
+        _check(f"{k}.fid_resolution", 8 <= self.fid_resolution <= 1024, "must be in [8, 1024]")
+        _check(f"{k}.reference_samples", self.reference_samples >= 0, "must be >= 0 (0 = all)")
+        _check(f"{k}.grid_prompts", 1 <= self.grid_prompts <= 64, "must be in [1, 64]")
+
+
 @dataclass(frozen=True)
 class Config:
     profile: str = "tiny"
+    task: str = "image"  # image (DDPM profiles) | t2i (text-to-image profiles: the `t2i:` section of params.yaml)
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -436,11 +625,17 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     fid: FIDConfig = field(default_factory=FIDConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    pipeline: T2IConfig = field(default_factory=T2IConfig)  # t2i: components, guidance
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    benchmarks: BenchmarksConfig = field(default_factory=BenchmarksConfig)
 
     def validate(self) -> None:
         from deme.profiles import PROFILES
 
         _choice("profile", self.profile, tuple(PROFILES))
+        _choice("task", self.task, TASKS)
+        _check("task", self.task == PROFILES[self.profile].get("task", "image"),
+               f"profile {self.profile!r} is a {PROFILES[self.profile].get('task', 'image')!r} profile")
         _check("seed", 0 <= self.seed < 2**31, "must be in [0, 2^31)")
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
@@ -448,6 +643,18 @@ class Config:
                 section.validate(f.name, self.schedule.num_train_timesteps)
             elif dataclasses.is_dataclass(section):
                 section.validate(f.name)
+        if self.task == "image":
+            _check("sample.sampler", self.sample.sampler == "ddim", "image profiles sample with 'ddim'")
+        if self.task == "t2i":
+            _check("finetune.eval_every", self.finetune.eval_every == 0,
+                   "FID curves during training are not implemented for text-to-image profiles; use 0")
+            _check("baselines.difftuning.variant", self.baselines.difftuning.variant == "kd",
+                   "text-to-image profiles use 'kd' (the buffer variant's images have no prompts)")
+            _check("pipeline.text_encoder.hidden_size",
+                   self.model.source == "hub" or self.pipeline.text_encoder.hidden_size == self.pipeline.unet.cross_attention_dim,
+                   f"must equal pipeline.unet.cross_attention_dim ({self.pipeline.unet.cross_attention_dim})")
+            _check("data.resolution", self.data.resolution % self.pipeline.vae.factor == 0 or self.model.source == "hub",
+                   f"must be a multiple of the VAE's downsampling {self.pipeline.vae.factor}")
         for name in ("ant_uw", "ant_nash"):
             k = getattr(self.baselines, name).num_tasks
             _check(f"baselines.{name}.num_tasks", k <= self.finetune.batch_size,
@@ -566,17 +773,32 @@ def read_params(path: str | Path = "params.yaml") -> dict:
     return raw
 
 
-def config_from_mapping(raw: dict) -> Config:
-    """Merge ``raw`` over its profile's preset and validate."""
+def config_from_mapping(raw: dict, section: str | None = None) -> Config:
+    """Merge ``raw`` over its profile's preset and validate.
+
+    ``params.yaml`` holds two pipelines: the image pipeline at the top level and the text-to-image one
+    under ``t2i:`` (``section='t2i'``), each a profile name plus overrides of that profile's preset."""
     from deme.profiles import PROFILES, preset
 
-    profile = raw.get("profile", "tiny")
-    if not isinstance(profile, str) or profile not in PROFILES:
-        raise ConfigError("profile", f"unknown profile {profile!r}; allowed: {', '.join(PROFILES)}")
-    cfg = from_dict(Config, deep_update(preset(profile), raw))
-    cfg.validate()
+    prefix = ""
+    if section is None:
+        raw = {k: v for k, v in raw.items() if k != "t2i"}
+        task = "image"
+    else:
+        if not isinstance(raw.get(section), dict):
+            raise ConfigError(section, f"section missing; it needs at least '{section}: {{profile: tiny_t2i}}'")
+        raw, prefix, task = raw[section], f"{section}.", "t2i"
+    profile = raw.get("profile", "tiny" if task == "image" else "tiny_t2i")
+    allowed = [n for n, p in PROFILES.items() if p.get("task", "image") == task]
+    if not isinstance(profile, str) or profile not in allowed:
+        raise ConfigError(f"{prefix}profile", f"unknown {task} profile {profile!r}; allowed: {', '.join(allowed)}")
+    try:
+        cfg = from_dict(Config, deep_update(preset(profile), raw))
+        cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(prefix + e.key if e.key else "", str(e) if not e.key else str(e)[len(e.key) + 2:]) from None
     return cfg
 
 
-def load_config(path: str | Path = "params.yaml") -> Config:
-    return config_from_mapping(read_params(path))
+def load_config(path: str | Path = "params.yaml", section: str | None = None) -> Config:
+    return config_from_mapping(read_params(path), section)

@@ -97,6 +97,8 @@ def pretrained_path(cfg: Config) -> Path:
 def load_pretrained(cfg: Config, device: str | torch.device = "cpu") -> nn.Module:
     """The pretrained model theta, as the ``pretrain`` stage left it."""
     path = pretrained_path(cfg)
+    if cfg.task == "t2i":  # a StableDiffusionPipeline folder: only the UNet is finetuned
+        path = path / "unet"
     if not path.exists():
         what = "trains" if cfg.model.source == "train" else f"imports {cfg.model.pretrained_id or cfg.model.local_path}"
         raise CheckpointError(f"{path}: pretrained model not found; the pretrain stage {what}: dvc repro pretrain")

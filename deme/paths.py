@@ -34,6 +34,27 @@ class Paths:
         """Statistics of the held-out set, when the headline reference is another (training images, built-in)."""
         return self._p("stats", self.profile, f"fid_heldout_{mode}.npz")
 
+    # text-to-image: latents, prompt sets, benchmark references, CLIP model
+    @property
+    def latents(self) -> Path:
+        """VAE latents of the training images (latents.npy), their prompts' token ids (tokens.npy)."""
+        return self._p("latents", self.profile)
+
+    def prompts(self, bench: str) -> Path:
+        """A validated prompt set (coco, coco_proxy, imagenet, parti) written by the prepare stage."""
+        return self._p("data", self.profile, "prompts", f"{bench}.json")
+
+    def bench_ref(self, bench: str) -> Path:
+        """The FID reference images of a benchmark (coco, imagenet), uint8 at benchmarks.fid_resolution."""
+        return self._p("data", self.profile, "bench", f"{bench}.npy")
+
+    def bench_stats(self, bench: str, mode: str) -> Path:
+        return self._p("stats", self.profile, f"fid_{bench}_{mode}.npz")
+
+    @property
+    def clip(self) -> Path:
+        return self._p("models", self.profile, "clip")
+
     # models
     @property
     def pretrained(self) -> Path:

@@ -143,9 +143,117 @@ def _bedroom() -> dict:
     return q
 
 
+# ----------------------------------------------------------------------------------------------------
+# Text-to-image profiles (the `t2i:` section of params.yaml).
+
+# Stable Diffusion's noise schedule (scaled_linear 0.00085..0.012, T = 1000, epsilon, no clipping).
+_SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "clip_sample": False}
+
+
+def _tiny_t2i() -> dict:
+    """The embedded text-to-image stand-in for SD v1.4: the captioned shapes at 16x16, a small AutoencoderKL
+    (16x16x3 -> 8x8x4 latents) and a random frozen CLIPTextModel with the real CLIP tokenizer, a small
+    UNet2DConditionModel pretrained by the pipeline with 10% caption dropout, and a small open_clip model
+    trained on the captions for the CLIP score."""
+    q = copy.deepcopy(_TINY)
+    q.update(profile="tiny_t2i", task="t2i")
+    del q["model"]["unet"]  # the UNet2DConditionModel is pipeline.unet
+    q["schedule"] = dict(_SD_SCHEDULE)
+    q["pretrain"].update(iterations=1500, batch_size=64, lr=1e-3)
+    q["finetune"].update(iterations=25, batch_size=32, log_every=5, ckpt_every=25)
+    q["deme"]["p"] = 0.3  # the SD setting (PAPER.md §1.6)
+    q["baselines"]["difftuning"].update(variant="kd")  # no prompt-conditioned retention buffer: §6.3's KD form
+    q["merge"].update(proxy_samples=128)
+    q["sample"].update(sampler="pndm", steps=25, eta=0.0, batch_size=256, num_samples=256, grid_size=64)
+    q["pipeline"] = {
+        "unet": {"block_out_channels": [32, 64], "layers_per_block": 1,
+                 "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+                 "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "cross_attention_dim": 32,
+                 "attention_head_dim": 8, "norm_num_groups": 8},
+        "vae": {"block_out_channels": [16, 32], "latent_channels": 4, "layers_per_block": 1, "norm_num_groups": 8,
+                "iterations": 400, "batch_size": 64, "lr": 2e-3, "kl_weight": 1e-6},
+        "text_encoder": {"hidden_size": 32, "layers": 2, "heads": 2, "intermediate_size": 64, "max_length": 16},
+        "guidance_scale": 3.0, "caption_dropout": 0.0, "pretrain_caption_dropout": 0.1,
+    }
+    q["clip"] = {"model": "deme-tiny-clip", "pretrained": "", "local_path": "", "cache_dir": "", "batch_size": 256,
+                 "train": True, "embed_dim": 64, "width": 64, "layers": 2, "heads": 2, "patch_size": 4,
+                 "context_length": 16, "iterations": 600, "train_batch_size": 128, "lr": 1e-3}
+    # stand-ins: COCO = held-out captions (FID vs the held-out images), ImageNet = shape x colour class names in
+    # a fixed template (FID vs the held-out images), PartiPrompts = compositional rephrasings (CLIP only)
+    q["benchmarks"] = {"coco_prompts": "", "coco_images": "", "coco_count": 256, "imagenet_classes": "",
+                       "imagenet_template": "a {} on a black background", "imagenet_per_class": 4,
+                       "imagenet_images": "", "parti_prompts": "", "parti_count": 64, "fid_resolution": 16,
+                       "reference_samples": 0, "grid_prompts": 8}
+    return q
+
+
+def _micro_t2i() -> dict:
+    q = _tiny_t2i()
+    q["profile"] = "micro_t2i"
+    q["data"].update(num_train=512, num_ref=256)
+    q["pretrain"].update(iterations=30, batch_size=32, log_every=10, ckpt_every=15)
+    q["featnet"].update(iterations=40, batch_size=64, width=8, feature_dim=16)
+    q["finetune"].update(iterations=4, batch_size=16, log_every=2, ckpt_every=2)
+    q["deme"]["intervals"] = [1, 2]
+    q["baselines"]["ant_nash"]["update_every"] = 2
+    q["merge"].update(coarse=[0.0, 1.0], refine_rounds=0, proxy_samples=16)
+    q["sample"].update(steps=4, batch_size=64, num_samples=32, grid_size=16)
+    q["pipeline"]["unet"].update(block_out_channels=[16, 32], attention_head_dim=4, cross_attention_dim=16)
+    q["pipeline"]["vae"].update(block_out_channels=[8, 16], iterations=20, batch_size=32)
+    q["pipeline"]["text_encoder"].update(hidden_size=16, intermediate_size=32)
+    q["clip"].update(embed_dim=16, width=16, layers=1, iterations=30, train_batch_size=64, batch_size=64)
+    q["benchmarks"].update(coco_count=32, imagenet_per_class=1, parti_count=16, grid_prompts=4)
+    return q
+
+
+# The UNet2DConditionModel of CompVis/stable-diffusion-v1-4 (its unet/config.json), PAPER.md §8.1.
+_SD14_UNET = {"block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
+              "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+              "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, "cross_attention_dim": 768,
+              "attention_head_dim": 8, "norm_num_groups": 32}
+
+
+def _sd14() -> dict:
+    """SD v1.4 finetuned on LAION-Aesthetics V2 6.5+ (PAPER.md §1.6 SD column, §3.2): N=4, p=0.3, 20K x 4
+    iterations at 16 x 4, lr 5e-5, fp16, EMA; PNDM-50, CFG 7.5, 512x512 (latent 64); COCO-30K FID at 256 plus
+    CLIP ViT-g-14, ImageNet 2 x 1000 classes, PartiPrompts 1,632."""
+    q = _tiny_t2i()
+    q["profile"] = "sd14"
+    q["data"].update(kind="laion", resolution=512, num_train=0, num_ref=0, path="datasets/laion_aes_6.5plus",
+                     crop="center")
+    q["model"] = {"source": "hub", "pretrained_id": "CompVis/stable-diffusion-v1-4", "local_path": ""}
+    q["finetune"].update(iterations=20_000, batch_size=16, grad_accum=4, lr=5e-5, precision="fp16",
+                         log_every=100, ckpt_every=1000, eval_every=0, eval_samples=5000)
+    q["baselines"]["difftuning"].update(variant="kd")
+    q["merge"].update(search="grid", coarse=[0.0, 0.25, 0.5, 0.75, 1.0], refine_step=0.1, refine_rounds=1,
+                      proxy_samples=5000)  # FID-5K on COCO prompts disjoint from the 30K (Appendix A)
+    q["sample"].update(sampler="pndm", steps=50, eta=0.0, batch_size=32, num_samples=5000, grid_size=16,
+                       precision="fp16")
+    q["fid"].update(feature_net="inception", modes=["legacy_pytorch", "clean"], reference="ref",
+                    reference_samples=0, batch_size=250)
+    q["runtime"].update(channels_last=True)
+    # the VAE entry documents SD's AutoencoderKL (downsampling 8: 512 -> 64x64x4 latents); it is imported, not trained
+    q["pipeline"]["vae"].update(block_out_channels=[128, 256, 512, 512], layers_per_block=2, norm_num_groups=32)
+    q["pipeline"]["text_encoder"].update(hidden_size=768, layers=12, heads=12, intermediate_size=3072, max_length=77)
+    q["pipeline"].update(unet=copy.deepcopy(_SD14_UNET), guidance_scale=7.5,
+                    caption_dropout=0.0, pretrain_caption_dropout=0.0)
+    q["clip"] = {"model": "ViT-g-14", "pretrained": "laion2b_s34b_b88k", "local_path": "", "cache_dir": "",
+                 "batch_size": 64, "train": False, "embed_dim": 64, "width": 64, "layers": 2, "heads": 2,
+                 "patch_size": 4, "context_length": 16, "iterations": 600, "train_batch_size": 128, "lr": 1e-3}
+    q["benchmarks"] = {"coco_prompts": "datasets/coco/mscoco_val2014_30k/metadata.csv",
+                       "coco_images": "datasets/coco/val2014", "coco_count": 30_000,
+                       "imagenet_classes": "datasets/imagenet/classnames.txt",
+                       "imagenet_template": "a photo of a {}", "imagenet_per_class": 2,
+                       "imagenet_images": "datasets/imagenet/val", "parti_prompts": "datasets/parti/PartiPrompts.tsv",
+                       "parti_count": 0, "fid_resolution": 256, "reference_samples": 0, "grid_prompts": 8}
+    return q
+
+
 PROFILES: dict[str, dict] = {"tiny": _TINY, "micro": _micro(), "cifar10": _cifar10(), "church": _church(),
-                             "bedroom": _bedroom()}
-PAPER_SCALE = ("cifar10", "church", "bedroom")
+                             "bedroom": _bedroom(), "tiny_t2i": _tiny_t2i(), "micro_t2i": _micro_t2i(),
+                             "sd14": _sd14()}
+PAPER_SCALE = ("cifar10", "church", "bedroom")  # DDPM; the text-to-image one is sd14
 
 
 def preset(name: str) -> dict:
@@ -160,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("list", help="list the profiles")
     s = sub.add_parser("show", help="print a profile's preset as YAML")
     s.add_argument("name", choices=sorted(PROFILES))
-    u = sub.add_parser("use", help="write a profile's preset to params.yaml (the old file is kept as .bak)")
+    u = sub.add_parser("use", help="write a profile's preset to params.yaml (the old file is kept as .bak); a "
+                                   "text-to-image profile goes to its `t2i:` section, the rest is kept")
     u.add_argument("name", choices=sorted(PROFILES))
     u.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
@@ -172,10 +281,18 @@ def main(argv: list[str] | None = None) -> int:
         from deme.io import atomic_write_text
 
         path = Path(args.params)
+        old = yaml.safe_load(path.read_text()) if path.exists() else None
+        old = old if isinstance(old, dict) else {}
         if path.exists():
             path.with_suffix(path.suffix + ".bak").write_text(path.read_text())
-        atomic_write_text(path, dump_yaml(preset(args.name)))
-        print(f"wrote {path} for profile {args.name!r}")
+        new = preset(args.name)
+        if new.get("task") == "t2i":  # the text-to-image pipeline's section; the image pipeline stays
+            doc = {k: v for k, v in old.items() if k != "t2i"} or preset("tiny")
+            doc["t2i"] = new
+        else:
+            doc = {**new, "t2i": old.get("t2i") or preset("tiny_t2i")}
+        atomic_write_text(path, dump_yaml(doc))
+        print(f"wrote {path} for profile {args.name!r}" + (" (section t2i)" if new.get("task") == "t2i" else ""))
     return 0
 
 

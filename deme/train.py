@@ -82,8 +82,13 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 def train(model: nn.Module, objective, images, cfg: TrainConfig, *, seed: int,
           device: torch.device, ckpt_dir: str | Path | None = None, fingerprint: str = "",
           log: LogFn | None = None, desc: str = "train", evaluate: EvalFn | None = None,
-          channels_last: bool = False, compile: bool = False) -> nn.Module:
+          channels_last: bool = False, compile: bool = False,
+          condition: Callable[[torch.Tensor], dict] | None = None) -> nn.Module:
     """Train ``model`` with ``objective`` for ``cfg.iterations`` optimizer steps; return the EMA model.
+
+    ``images``: uint8 [n, H, W, 3] (tensor or memmap), or a stream factory ``(batch_size, seed) -> stream``
+    whose micro-batches are ``(x0, token ids)`` (text-to-image latents, deme/text2image.py); ``condition``
+    turns the token ids (on the device) into the model's keyword arguments (``encoder_hidden_states``).
 
     Under ``accelerate launch`` every process trains on its own data stream (seeded by its rank) and
     gradients are averaged (DDP); only the main process logs and writes checkpoints. ``evaluate`` is called
@@ -111,7 +116,8 @@ def train(model: nn.Module, objective, images, cfg: TrainConfig, *, seed: int,
         objective.to(acc.device)
     if getattr(objective, "teacher", None) is not None:
         objective.teacher.to(acc.device)
-    stream = BatchStream(images, cfg.batch_size, derive_seed(seed, "data", acc.process_index))
+    data_seed = derive_seed(seed, "data", acc.process_index)
+    stream = images(cfg.batch_size, data_seed) if callable(images) else BatchStream(images, cfg.batch_size, data_seed)
 
     ckpt_dir = Path(ckpt_dir) if ckpt_dir and cfg.ckpt_every else None
     start = (_load_checkpoint(ckpt_dir, fingerprint, acc.unwrap_model(model), ema, optimizer, objective,
@@ -129,10 +135,14 @@ def train(model: nn.Module, objective, images, cfg: TrainConfig, *, seed: int,
     for step in bar:
         for micro in range(cfg.grad_accum):
             m = step * cfg.grad_accum + micro
-            x0 = stream(m).to(acc.device)
+            x0, extra = stream(m), {}
+            if isinstance(x0, tuple):  # (latents, token ids): the prompt condition of a text-to-image model
+                x0, ids = x0
+                extra = {"cond": condition(ids.to(acc.device))}
+            x0 = x0.to(acc.device)
             gen = torch.Generator().manual_seed(derive_seed(seed, "step", m, acc.process_index))
             with acc.accumulate(model), acc.autocast():
-                loss, terms = objective(forward_model, x0, gen)
+                loss, terms = objective(forward_model, x0, gen, **extra)
                 if not torch.isfinite(loss):
                     shown = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
                     last = f"; last good checkpoint: {ckpt_dir}" if ckpt_dir and ckpt_dir.exists() else ""

@@ -6,6 +6,14 @@ reference statistics in the profile's feature space. `ensemble` is DeMe before m
 steps whose timestep lies in interval i (PAPER.md §1.7). A single-model method trained with several seeds
 (`baselines.seeds`) is evaluated once per seed: the metrics hold the mean, the standard deviation and every
 seed's FID. Writes metrics/<profile>/evaluate/<model>.json and samples/<profile>/<model>.png.
+
+Text-to-image (`--t2i`, PAPER.md §3.2): the zero-shot benchmarks of Table 2, one image per prompt from
+per-prompt seeds shared by every model, classifier-free guidance t2i.pipeline.guidance_scale with the sampler of
+`sample.sampler` (PNDM-50 on sd14): COCO (FID against the val2014 statistics at benchmarks.fid_resolution,
+plus CLIP score), ImageNet (template x class names; FID and CLIP), PartiPrompts (CLIP only). CLIP score =
+100 x cosine of the normalised open_clip embeddings (PAPER.md §8.3). The ensemble's interval model serves
+both CFG branches. Also writes samples/<profile>/<model>-prompts.png (the first benchmarks.grid_prompts
+PartiPrompts), the report's prompt-by-model grid.
 """
 import sys
 from pathlib import Path
@@ -43,6 +51,80 @@ def load(name, cfg, paths):
     return [load_model(p) for p in seeds]
 
 
+BENCHMARKS = {"coco": True, "imagenet": True, "parti": False}  # name -> has an FID (PAPER.md §3.2)
+
+
+def evaluate_t2i(ctx):
+    import time
+
+    import numpy as np
+
+    from deme.evaluation import describe, feature_spaces
+    from deme.io import sample_seeds, write_json
+    from deme.metrics.clip import load_clip
+    from deme.metrics.fid import Stats, fid_of_features
+    from deme.models import count_parameters
+    from deme.paths import Paths
+    from deme.sample import save_grid
+    from deme.text2image import load_components, load_prompt_set, sample_prompts
+
+    cfg, name, paths = ctx.cfg, ctx.args.model, Paths(ctx.cfg.profile)
+    models = load(name, cfg, paths)
+    comps = load_components(paths.pretrained, ctx.device)
+    spaces = feature_spaces(cfg, ctx.device)
+    clip = load_clip(cfg, ctx.device)
+    headline = next(iter(spaces))
+    sets = {bench: load_prompt_set(paths, bench) for bench in BENCHMARKS}
+    per_seed, wall, images = [], 0.0, {}
+    n_images = 0
+    for k, model in enumerate(models):
+        scores = {}
+        for bench, has_fid in BENCHMARKS.items():
+            prompts = sets[bench]["prompts"]
+            seeds = sample_seeds(f"eval-{bench}", len(prompts), cfg.seed)
+            keep = cfg.sample.grid_size if bench == "coco" else cfg.benchmarks.grid_prompts if bench == "parti" else 0
+            t0 = time.perf_counter()
+            res = sample_prompts(model, comps, prompts, seeds, cfg, ctx.device, spaces if has_fid else None, clip,
+                                 keep=keep, desc=f"evaluate@{name} {bench}" + (f" seed {k}" if len(models) > 1 else ""))
+            wall += time.perf_counter() - t0
+            n_images += len(prompts)
+            scores[f"{bench}_clip"] = float(np.mean(res["clip"]))
+            if has_fid:
+                for mode, feats in res["features"].items():
+                    scores[f"{bench}_fid_{mode}"] = fid_of_features(feats, Stats.load(paths.bench_stats(bench, mode)))
+                scores[f"{bench}_fid"] = scores[f"{bench}_fid_{headline}"]
+            if k == 0 and res["images"] is not None:
+                images[bench] = res["images"]
+        per_seed.append(scores)
+    if not ctx.is_main:
+        return
+    keys = list(per_seed[0])
+    out = {key: float(np.mean([s[key] for s in per_seed])) for key in keys}
+    out.update({f"{key}_std": float(np.std([s[key] for s in per_seed], ddof=1)) if len(per_seed) > 1 else 0.0
+                for key in keys})
+    n_models = len(cfg.deme.intervals) if name == "ensemble" else 1
+    out.update({"per_seed": per_seed, "training_seeds": len(per_seed),
+                "prompts": {b: len(sets[b]["prompts"]) for b in BENCHMARKS},
+                "grid_prompts": sets["parti"]["prompts"][:cfg.benchmarks.grid_prompts],
+                "prompt_sha256": {b: sets[b].get("sha256") for b in BENCHMARKS},
+                "sampler": cfg.sample.scheduler_class, "steps": cfg.sample.steps, "guidance_scale": cfg.pipeline.guidance_scale,
+                "sample_precision": cfg.sample.precision, "fid_resolution": cfg.benchmarks.fid_resolution,
+                "models": n_models, "parameters_per_model": count_parameters(models[0]) // n_models,
+                "images_per_s": n_images / wall, "num_processes": cfg.runtime.num_processes,
+                **describe(spaces), **clip.describe()})
+    write_json(paths.metrics("evaluate", name), out)
+    grid, row = paths.samples(name), paths.samples(f"{name}-prompts")
+    save_grid(images["coco"], grid, nrow=int(len(images["coco"]) ** 0.5))
+    save_grid(images["parti"], row, nrow=len(images["parti"]))
+    ctx.run.log_metrics({k: out[k] for k in keys} | {"images_per_s": out["images_per_s"]})
+    ctx.run.log_artifact(grid, "samples")
+    ctx.run.log_artifact(row, "samples")
+    shown = ", ".join(f"{k} {out[k]:.3f}" for k in keys if k.endswith(("_fid", "_clip")))
+    ctx.note(f"{name}: {shown} ({out['images_per_s']:.1f} img/s)")
+    for p in (paths.metrics("evaluate", name), grid, row):
+        ctx.wrote(p)
+
+
 def body(ctx):
     import time
 
@@ -55,6 +137,8 @@ def body(ctx):
     import numpy as np
 
     cfg, name, paths = ctx.cfg, ctx.args.model, Paths(ctx.cfg.profile)
+    if cfg.task == "t2i":
+        return evaluate_t2i(ctx)
     models = load(name, cfg, paths)
     spaces = feature_spaces(cfg, ctx.device)
     refs, held = load_references(cfg, spaces), load_references(cfg, spaces, heldout=True)
@@ -98,4 +182,5 @@ def body(ctx):
 if __name__ == "__main__":
     sys.exit(run_stage("evaluate", __doc__, body, add_args=add_args, item=lambda a: a.model,
                        tags=lambda c, a: {"method": a.model, "seed": c.seed},
-                       params=lambda c, a: {k: c.to_dict()[k] for k in ("seed", "sample", "fid")}))
+                       params=lambda c, a: {k: c.to_dict()[k] for k in ("seed", "sample", "fid")
+                                            + (("pipeline", "clip", "benchmarks") if c.task == "t2i" else ())}))

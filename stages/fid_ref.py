@@ -8,6 +8,11 @@ cifar10/train). With a training-set or built-in reference, the held-out set gets
 (stats/<profile>/fid_heldout_<mode>.npz) and the evaluation reports FID against both. The floor is the FID of as many images of the *other* set as the
 evaluation generates against those statistics: no model can be expected to beat it at that sample size.
 Runs split over processes under `accelerate launch`.
+
+Text-to-image (`--t2i`, PAPER.md §3.2, §8.3): one reference per FID benchmark from the prepare stage's
+images at benchmarks.fid_resolution (COCO: all val2014 images; ImageNet: the val images; the tiny stand-ins:
+held-out shapes), stats/<profile>/fid_<bench>_<mode>.npz; the floor is as many training images as the
+benchmark has prompts, when the training images are at that resolution.
 """
 import sys
 from pathlib import Path
@@ -15,6 +20,52 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deme.cli import run_stage  # noqa: E402
+
+
+BENCH_FID = ("coco", "imagenet")  # PartiPrompts is CLIP only (PAPER.md §3.2)
+
+
+def bench_refs(ctx):
+    import json
+
+    import numpy as np
+
+    from deme.data import load_images
+    from deme.evaluation import array_features, describe, feature_spaces
+    from deme.io import derive_seed, write_json
+    from deme.metrics.fid import Stats, fid_of_features
+    from deme.paths import Paths
+
+    cfg, paths, b = ctx.cfg, Paths(ctx.cfg.profile), ctx.cfg.benchmarks
+    spaces = feature_spaces(cfg, ctx.device)
+    train = load_images(paths.train)
+    out = {"benchmarks": list(BENCH_FID), **describe(spaces)}
+    for bench in BENCH_FID:
+        images = load_images(paths.bench_ref(bench))
+        if b.reference_samples and b.reference_samples < len(images):
+            rng = np.random.default_rng(derive_seed(cfg.seed, "fid_ref", bench))
+            images = images[np.sort(rng.choice(len(images), b.reference_samples, replace=False))]
+        feats = array_features(images, spaces, cfg.fid.batch_size, desc=f"{bench} reference")
+        n = len(json.loads(paths.prompts(bench).read_text())["prompts"])
+        floor = (array_features(train[:n], spaces, cfg.fid.batch_size, desc=f"{bench} floor")
+                 if train.shape[1] == b.fid_resolution else None)
+        if not ctx.is_main:
+            continue
+        out[f"{bench}_num_ref"] = len(images)
+        for mode, space in spaces.items():
+            stats = Stats.of(feats[mode])
+            stats.save(paths.bench_stats(bench, mode), **space.describe(), reference=f"{bench} reference images")
+            ctx.wrote(paths.bench_stats(bench, mode))
+            if floor is not None:
+                out[f"{bench}_fid_floor_{mode}"] = fid_of_features(floor[mode][:n], stats)
+        if floor is not None:
+            out[f"{bench}_fid_floor"] = out[f"{bench}_fid_floor_{next(iter(spaces))}"]
+            ctx.note(f"{bench}: {len(images)} reference images; floor FID {out[f'{bench}_fid_floor']:.3f} "
+                     f"({min(n, len(train))} training images)")
+    if ctx.is_main:
+        write_json(paths.metrics("fid_ref"), out)
+        ctx.run.log_metrics({k: v for k, v in out.items() if "floor" in k})
+        ctx.wrote(paths.metrics("fid_ref"))
 
 
 def body(ctx):
@@ -27,6 +78,8 @@ def body(ctx):
     from deme.paths import Paths
 
     cfg, paths, f = ctx.cfg, Paths(ctx.cfg.profile), ctx.cfg.fid
+    if cfg.task == "t2i":
+        return bench_refs(ctx)
     spaces = feature_spaces(cfg, ctx.device)
     heldout, train = load_images(paths.ref), load_images(paths.train)
     if f.reference == "builtin":  # clean-fid's cached statistics, per mode (PAPER.md §8.3)
@@ -70,4 +123,5 @@ def body(ctx):
 
 if __name__ == "__main__":
     sys.exit(run_stage("fid_ref", __doc__, body,
-                       params=lambda c, a: {"fid": c.to_dict()["fid"], "sample.num_samples": c.sample.num_samples}))
+                       params=lambda c, a: {"fid": c.to_dict()["fid"], "sample.num_samples": c.sample.num_samples,
+                                            **({"benchmarks": c.to_dict()["benchmarks"]} if c.task == "t2i" else {})}))

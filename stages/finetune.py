@@ -13,6 +13,10 @@ Single-model methods finetune the pretrained model on all timesteps at a matched
   ant_uw, ant_nash                         ANT multi-task optimisers over K timestep intervals (§2.2)
   difftuning    Diff-Tuning with the retention buffer of the `buffer` stage, or its KD variant (§6)
 Resumable from .ckpt/ after a crash.
+
+Text-to-image (`--t2i`, PAPER.md §1.6 SD column): the same objectives on the UNet2DConditionModel, trained on
+the latents stage's VAE latents with each image's prompt through the frozen text encoder (the consistency
+target is the frozen pretrained UNet under the same prompt); Diff-Tuning uses its KD form.
 """
 import sys
 from pathlib import Path
@@ -84,7 +88,14 @@ def body(ctx):
 
     cfg, args, paths = ctx.cfg, ctx.args, Paths(ctx.cfg.profile)
     d, T = cfg.deme, cfg.schedule.num_train_timesteps
-    images = load_images(paths.train)
+    condition = None
+    if cfg.task == "t2i":  # latents + prompt tokens; the frozen text encoder conditions every step
+        from deme.text2image import latent_data, load_components, text_conditioner
+
+        images = latent_data(paths, cfg.pipeline.caption_dropout)
+        condition = text_conditioner(load_components(paths.pretrained, ctx.device))
+    else:
+        images = load_images(paths.train)
     settings = cfg.to_dict()
     if args.method:
         name, budget = args.method, dataclasses.replace(cfg.finetune, iterations=cfg.finetune.iterations * d.n)
@@ -125,7 +136,7 @@ def body(ctx):
         model = train(model, objective, images, budget, seed=seed, device=ctx.device, ckpt_dir=ckpt, log=log,
                       desc=f"finetune@{label}", fingerprint=json.dumps([key, name, s, seed]),
                       evaluate=evaluate if not s else None, channels_last=cfg.runtime.channels_last,
-                      compile=cfg.runtime.compile)
+                      compile=cfg.runtime.compile, condition=condition)
         walls.append(time.perf_counter() - t0)
         if not ctx.is_main:  # the other processes of `accelerate launch` only train
             continue

@@ -6,6 +6,10 @@ seeds are disjoint from the final evaluation's. `merge.search: grid` is the pape
 default `coordinate` is a cheap cyclic coarse-to-fine. Every candidate's proxy FID goes to
 plots/<profile>/merge_search.csv and MLflow; scored candidates are kept in .ckpt/ so a killed search
 resumes without rescoring.
+
+Text-to-image (`--t2i`): the task vectors of the interval UNets, scored by FID on the COCO prompts of the
+`coco_proxy` set (disjoint from the evaluated 30K; FID-5K on sd14, Appendix A) against the COCO statistics,
+with the evaluation's sampler and guidance.
 """
 import sys
 from pathlib import Path
@@ -13,6 +17,31 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deme.cli import StageError, run_stage  # noqa: E402
+
+
+def t2i_scorer(ctx, base, vectors, spaces):
+    """Proxy FID of a merged text-to-image UNet on the coco_proxy prompts (headline mode)."""
+    from deme.io import sample_seeds
+    from deme.merge import merged_model
+    from deme.metrics.fid import Stats, fid_of_features
+    from deme.paths import Paths
+    from deme.text2image import load_components, load_prompt_set, sample_prompts
+
+    cfg, paths = ctx.cfg, Paths(ctx.cfg.profile)
+    comps = load_components(paths.pretrained, ctx.device)
+    prompts = load_prompt_set(paths, "coco_proxy")["prompts"][:cfg.merge.proxy_samples]
+    if len(prompts) < cfg.merge.proxy_samples:
+        raise StageError(f"{paths.prompts('coco_proxy')}: {len(prompts)} proxy prompts, merge.proxy_samples is "
+                         f"{cfg.merge.proxy_samples}; rerun: dvc repro t2i_prepare")
+    seeds = sample_seeds("search", len(prompts), cfg.seed)
+    mode = next(iter(spaces))
+    ref = Stats.load(paths.bench_stats("coco", mode))
+
+    def score(w):
+        res = sample_prompts(merged_model(base, vectors, w), comps, prompts, seeds, cfg, ctx.device,
+                             {mode: spaces[mode]}, desc="merge candidate")
+        return fid_of_features(res["features"][mode], ref)
+    return score
 
 
 def body(ctx):
@@ -44,12 +73,12 @@ def body(ctx):
     vectors = [task_vector(mod.state_dict(), base_state) for mod in models]
     del models
     spaces = feature_spaces(cfg, ctx.device, headline=True)  # the search is scored in the headline mode
-    refs = load_references(cfg, spaces)
+    refs = load_references(cfg, spaces) if cfg.task == "image" else None  # t2i: the COCO stats, t2i_scorer
     seeds = sample_seeds("search", m.proxy_samples, cfg.seed)
 
     # resumable cache of scored candidates, valid only for the same models and search settings
     ckpt = paths.ckpt("merge") / "scores.jsonl"
-    key = json.dumps([cfg.to_dict()["merge"], cfg.to_dict()["sample"], [model_meta(paths.interval(i)).get("git_commit")
+    key = json.dumps([cfg.to_dict()["merge"], cfg.to_dict()["sample"], cfg.to_dict()["pipeline"], [model_meta(paths.interval(i)).get("git_commit")
                       for i in d.intervals], cfg.seed])
     cache = {}
     if ckpt.exists():
@@ -76,6 +105,9 @@ def body(ctx):
         # every process scores its share of the samples and gets the same FID, so all take the same path
         return fid_of_model(merged_model(base, vectors, w), seeds, cfg, spaces, refs, ctx.device,
                             desc="merge candidate")
+
+    if cfg.task == "t2i":
+        score = t2i_scorer(ctx, base, vectors, spaces)
 
     t0 = time.perf_counter()
     scorer = Scorer(score, cache, on_new)
@@ -111,4 +143,5 @@ def body(ctx):
 
 if __name__ == "__main__":
     sys.exit(run_stage("merge", __doc__, body, tags=lambda c, a: {"method": "deme-merged"},
-                       params=lambda c, a: {k: c.to_dict()[k] for k in ("seed", "merge", "sample", "deme")}))
+                       params=lambda c, a: {k: c.to_dict()[k] for k in ("seed", "merge", "sample", "deme")
+                                            + (("pipeline",) if c.task == "t2i" else ())}))

@@ -9,6 +9,13 @@ Tiny profiles (model.source: train) train the stand-in for google/ddpm-cifar10-3
 save_pretrained so the rest of the pipeline loads it exactly as it loads the real checkpoints. It is
 deliberately short-trained: good but clearly imperfect, so finetuning has room to help.
 Resumable: rerun after a crash and it continues from the last checkpoint in .ckpt/.
+
+Text-to-image (`--t2i`): the output is a StableDiffusionPipeline folder (unet, vae, text_encoder,
+tokenizer, scheduler). sd14 imports CompVis/stable-diffusion-v1-4 (cache or model.local_path, offline) and
+checks its UNet against t2i.unet. tiny_t2i builds the stand-in: the real CLIP BPE tokenizer (from the
+vocabulary open_clip ships), a random frozen CLIPTextModel, an AutoencoderKL trained here (pipeline.vae, latent
+scaling factor measured as 1/std), and a UNet2DConditionModel pretrained on the latents with
+pipeline.pretrain_caption_dropout of empty prompts so that classifier-free guidance has an unconditional branch.
 """
 import sys
 from pathlib import Path
@@ -37,6 +44,89 @@ def import_checkpoint(ctx):
     ctx.wrote(paths.metrics("train", "pretrain"))
 
 
+def import_pipeline(ctx):
+    """sd14: the Stable Diffusion pipeline -> models/<profile>/pretrained (safetensors)."""
+    from deme.io import atomic_write_text, write_json
+    from deme.models import count_parameters
+    from deme.paths import Paths
+    from deme.text2image import Components, check_cond_architecture, fetch_pipeline, save_pipeline
+
+    cfg, paths = ctx.cfg, Paths(ctx.cfg.profile)
+    pipe, source = fetch_pipeline(cfg)
+    check_cond_architecture(pipe.unet, cfg)
+    comps = Components(pipe.tokenizer, pipe.text_encoder, pipe.vae, dict(pipe.scheduler.config))
+    n = count_parameters(pipe.unet)
+    save_pipeline(paths.pretrained, pipe.unet, comps, cfg, method="import", source=source,
+                  pretrained_id=cfg.model.pretrained_id)
+    write_json(paths.metrics("train", "pretrain"), {"source": source, "parameters": n, "iterations": 0,
+                                                    "scaling_factor": comps.scaling_factor})
+    atomic_write_text(paths.curve("pretrain"), "step,loss\n")
+    ctx.note(f"imported {source}: UNet2DConditionModel with {n:,} parameters ({n / 1e6:.1f}M)")
+    ctx.run.log_metrics({"parameters": n})
+    ctx.wrote(paths.pretrained)
+    ctx.wrote(paths.metrics("train", "pretrain"))
+
+
+def pretrain_t2i(ctx):
+    """tiny_t2i: tokenizer + frozen random text encoder + trained VAE + pretrained conditional UNet."""
+    import json
+    import tempfile
+    import time
+
+    import torch
+
+    from deme.data import load_set
+    from deme.io import derive_seed, write_json
+    from deme.models import count_parameters
+    from deme.objectives import EpsObjective
+    from deme.paths import Paths
+    from deme.schedule import alphas_cumprod
+    from deme.text2image import (Components, LatentStream, build_cond_unet, build_text_encoder, build_tokenizer,
+                                 encode_dataset, latent_shape, save_pipeline, sd_scheduler_config,
+                                 text_conditioner, train_vae)
+    from deme.tracking import CurveLog
+    from deme.train import clear_checkpoint, train
+
+    cfg, paths = ctx.cfg, Paths(ctx.cfg.profile)
+    if cfg.model.source == "hub":
+        return import_pipeline(ctx)
+    data = load_set(paths.train)
+    images, captions = data["images"], [str(c) for c in data["captions"]]
+    seed = derive_seed(cfg.seed, "pretrain")
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = build_tokenizer(cfg.pipeline.text_encoder.max_length, tmp)
+    text_encoder = build_text_encoder(cfg, derive_seed(seed, "text_encoder"))
+    curve = CurveLog(ctx.run)
+    t0 = time.perf_counter()
+    vae, vae_stats = train_vae(cfg, images, seed, ctx.device, log=curve)
+    comps = Components(tokenizer, text_encoder, vae, sd_scheduler_config(cfg)).to(ctx.device)
+    ctx.note(f"VAE: reconstruction PSNR {vae_stats['vae_psnr_db']:.1f} dB, latent scaling factor "
+             f"{vae_stats['scaling_factor']:.4f}")
+    latents = encode_dataset(comps, images, 500, ctx.device)
+    tokens = comps.tokens(captions).numpy()
+    empty = comps.tokens([""])[0].numpy()
+    drop = cfg.pipeline.pretrain_caption_dropout
+    stream = lambda bs, s: LatentStream(latents, tokens, empty, bs, s, drop)  # noqa: E731
+    torch.manual_seed(seed)
+    unet = build_cond_unet(cfg, latent_shape(cfg, comps)[-1])
+    ctx.note(f"UNet2DConditionModel with {count_parameters(unet):,} parameters, latents {latent_shape(cfg, comps)}")
+    objective = EpsObjective(alphas_cumprod(cfg.schedule).float(), 0, cfg.schedule.num_train_timesteps)
+    ckpt = paths.ckpt("pretrain")
+    unet = train(unet, objective, stream, cfg.pretrain, seed=seed, device=ctx.device, ckpt_dir=ckpt,
+                 fingerprint=json.dumps([cfg.to_dict()["pretrain"], cfg.to_dict()["pipeline"], seed]),
+                 log=curve, desc="pretrain", condition=text_conditioner(comps))
+    wall = time.perf_counter() - t0
+    save_pipeline(paths.pretrained, unet.cpu(), comps.to("cpu"), cfg, method="pretrain", seed=seed,
+                  steps=cfg.pretrain.iterations)
+    curve.save(paths.curve("pretrain"))
+    last = next(r["loss"] for r in reversed(curve.rows) if "loss" in r)
+    write_json(paths.metrics("train", "pretrain"), {"loss": last, "wall_s": wall, "iterations": cfg.pretrain.iterations,
+                                                    "parameters": count_parameters(unet), **vae_stats})
+    clear_checkpoint(ckpt)
+    for p in (paths.pretrained, paths.curve("pretrain"), paths.metrics("train", "pretrain")):
+        ctx.wrote(p)
+
+
 def body(ctx):
     import json
     import time
@@ -53,6 +143,8 @@ def body(ctx):
     from deme.train import clear_checkpoint, train
 
     cfg, paths = ctx.cfg, Paths(ctx.cfg.profile)
+    if cfg.task == "t2i":
+        return pretrain_t2i(ctx)
     if cfg.model.source == "hub":
         return import_checkpoint(ctx)
     images = load_images(paths.train)
@@ -79,4 +171,5 @@ def body(ctx):
 
 if __name__ == "__main__":
     sys.exit(run_stage("pretrain", __doc__, body,
-                       params=lambda c, a: {k: c.to_dict()[k] for k in ("seed", "model", "schedule", "pretrain")}))
+                       params=lambda c, a: {k: c.to_dict()[k] for k in ("seed", "model", "schedule", "pretrain")
+                                            + (("pipeline",) if c.task == "t2i" else ())}))

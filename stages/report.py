@@ -1,7 +1,9 @@
 """Stage `report`: regenerate reports/<profile>/report.md (+ PNG figures) from DVC-tracked metrics.
 
 Table 1 with our measured FIDs beside the paper's (labelled as the paper's), the merge-search result,
-the feature network and data floor, training curves and sample grids. Reads only files that DVC tracks,
+the feature network and data floor, training curves and sample grids; Table 2 (text-to-image: COCO /
+ImageNet FID and CLIP, PartiPrompts CLIP) for every text-to-image profile that has been run, with the
+prompt-by-model grid of the `t2i:` profile of params.yaml. Reads only files that DVC tracks,
 so `dvc repro` alone regenerates it.
 """
 import sys
@@ -10,6 +12,52 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deme.cli import run_stage  # noqa: E402
+
+
+def text_to_image_section(ctx, metrics, tmp, read):
+    """Table 2 (PAPER.md §3.2) for the measured text-to-image profiles and the prompt-by-model grid."""
+    from deme.config import ConfigError, load_config
+    from deme.report import figures
+    from deme.report.paper import paper_table
+    from deme.report.tables import TABLE2_ROWS, measured_profiles, table2
+
+    profiles = measured_profiles(metrics, "t2i")
+    if not profiles:
+        return ["## Table 2: text-to-image", "", "No text-to-image profile has been evaluated yet "
+                "(`dvc repro t2i_evaluate` runs the `t2i:` profile of params.yaml).", ""]
+    try:
+        current = load_config(ctx.args.params, "t2i").profile
+    except ConfigError:
+        current = profiles[0]
+    n = {p: len(read(p, "merge.json").get("weights", [])) for p in profiles}
+    pre = read(current, "evaluate", "pretrained.json")
+    clip = read(current, "clip.json")
+    lines = [
+        "## Table 2: zero-shot text-to-image (FID and CLIP score)",
+        "",
+        f"{paper_table('table2')['title']} is the paper's (labelled *(paper)*); *(ours)* columns are measured by "
+        "this pipeline for each text-to-image profile that has been run, the delta against that profile's "
+        "pretrained model in brackets, best per column in bold. CLIP score = 100 x cosine of normalised "
+        "open_clip embeddings.",
+        "",
+        f"`{current}`: {pre.get('sampler', '?')}-{pre.get('steps', '?')}, guidance {pre.get('guidance_scale', '?')}, "
+        f"one image per prompt from per-prompt seeds shared by every model; prompts: "
+        + ", ".join(f"{b} {c}" for b, c in pre.get("prompts", {}).items())
+        + f"; FID at {pre.get('fid_resolution', '?')}x{pre.get('fid_resolution', '?')} in feature space "
+        f"`{pre.get('feature_net', '?')}`, CLIP model `{pre.get('clip_model', '?')}`"
+        + (f" (trained by the clip stage: it ranks the true caption above a wrong one on "
+           f"{clip.get('heldout_images', '?')} held-out images with accuracy {clip['ranking_accuracy']:.3f})"
+           if "ranking_accuracy" in clip else "") + ".",
+        "",
+        table2(metrics, n),
+        "",
+    ]
+    prompts = pre.get("grid_prompts", [])
+    models = [(k, label) for k, label, _ in TABLE2_ROWS]
+    if figures.prompt_grid(Path("samples") / current, models, prompts, tmp / f"prompt_grid_{current}.png"):
+        lines += [f"### Prompt-by-model grid (`{current}`, same seed per prompt for every model)", "",
+                  f"![prompt grid](prompt_grid_{current}.png)", ""]
+    return lines
 
 
 def body(ctx):
@@ -136,6 +184,7 @@ def body(ctx):
         lines += ["## Samples (same initial noise for every model)", ""]
         for g in grids:
             lines += [f"**{g}**", "", f"![{g}](samples_{g}.png)", ""]
+        lines += text_to_image_section(ctx, metrics, tmp, read)
         (tmp / "report.md").write_text("\n".join(lines) + "\n")
         for f in tmp.iterdir():
             if f.suffix == ".png":

@@ -16,13 +16,40 @@ REPO = Path(__file__).resolve().parents[1]
 
 # ----------------------------------------------------------------------------------------- presets
 
+# sections a preset leaves to the dataclass defaults because its task never reads them
+OTHER_TASK = {"image": {"task", "pipeline", "clip", "benchmarks"}, "t2i": {"model.unet"}}
+
+
 @pytest.mark.parametrize("name", sorted(PROFILES))
 def test_every_preset_validates_and_round_trips(name):
-    cfg = config_from_mapping({"profile": name})
+    task = PROFILES[name].get("task", "image")
+    cfg = (config_from_mapping({"profile": name}) if task == "image"
+           else config_from_mapping({"t2i": {"profile": name}}, "t2i"))
     assert isinstance(cfg, Config)
-    assert cfg.profile == name
-    # the preset is complete: every field comes from it, none from dataclass defaults
-    assert cfg.to_dict() == preset(name)
+    assert cfg.profile == name and cfg.task == task
+    # the preset is complete for its task: every field it uses comes from it, none from dataclass defaults
+    full = cfg.to_dict()
+    for key in OTHER_TASK[task]:
+        section, _, sub = key.partition(".")
+        (full[section].pop(sub) if sub else full.pop(section))
+    assert full == preset(name)
+
+
+def test_each_pipeline_takes_only_its_own_profiles():
+    with pytest.raises(ConfigError, match="unknown image profile 'sd14'"):
+        config_from_mapping({"profile": "sd14"})
+    with pytest.raises(ConfigError, match="^t2i.profile: unknown t2i profile 'tiny'"):
+        config_from_mapping({"t2i": {"profile": "tiny"}}, "t2i")
+    with pytest.raises(ConfigError, match="^t2i: section missing"):
+        config_from_mapping({"profile": "tiny"}, "t2i")
+    with pytest.raises(ConfigError, match="^t2i.pipeline.guidance_scale: "):
+        config_from_mapping({"t2i": {"profile": "tiny_t2i", "pipeline": {"guidance_scale": "high"}}}, "t2i")
+    with pytest.raises(ConfigError, match="^t2i.sample.sampler: unknown sampler 'fast'"):
+        config_from_mapping({"t2i": {"profile": "tiny_t2i", "sample": {"sampler": "fast"}}}, "t2i")
+    cfg = config_from_mapping({"t2i": {"profile": "tiny_t2i", "sample": {"sampler": "DPMSolverMultistepScheduler"}}}, "t2i")
+    assert cfg.sample.scheduler_class == "DPMSolverMultistepScheduler"
+    with pytest.raises(ConfigError, match="^sample.sampler: image profiles sample with 'ddim'"):
+        config_from_mapping({"profile": "tiny", "sample": {"sampler": "pndm"}})
 
 
 def test_micro_is_smaller_than_tiny():
@@ -49,7 +76,9 @@ def test_overrides_merge_into_the_preset():
 
 
 def test_default_profile_is_tiny():
-    assert config_from_mapping({}).to_dict() == preset("tiny")
+    full = config_from_mapping({}).to_dict()
+    assert {k: v for k, v in full.items() if k not in OTHER_TASK["image"]} == preset("tiny")
+    assert config_from_mapping({"t2i": {}}, "t2i").profile == "tiny_t2i"
 
 
 def test_repository_params_yaml_loads_without_modification():
@@ -125,8 +154,8 @@ def test_out_of_range_names_key(raw, key, words):
 def test_unknown_profile_lists_allowed_profiles():
     e = _error({"profile": "huge"})
     assert e.key == "profile"
-    for name in PROFILES:
-        assert name in str(e)
+    for name, p in PROFILES.items():
+        assert (name in str(e)) == (p.get("task", "image") == "image")
     assert _error({"profile": 3}).key == "profile"
 
 
@@ -214,6 +243,16 @@ def test_profiles_use_writes_loadable_params(tmp_path, capsys):
     assert load_config(p) == config_from_mapping({"profile": "micro"})
     assert not (tmp_path / "params.yaml.bak").exists()
     assert "micro" in capsys.readouterr().out
+
+
+def test_profiles_use_of_a_t2i_profile_writes_its_section_and_keeps_the_rest(tmp_path):
+    p = tmp_path / "params.yaml"
+    main(["use", "micro", "--params", str(p)])
+    main(["use", "micro_t2i", "--params", str(p)])
+    assert load_config(p).profile == "micro"
+    assert load_config(p, "t2i") == config_from_mapping({"t2i": {"profile": "micro_t2i"}}, "t2i")
+    main(["use", "tiny", "--params", str(p)])
+    assert load_config(p).profile == "tiny" and load_config(p, "t2i").profile == "micro_t2i"
 
 
 def test_profiles_use_keeps_backup(tmp_path):

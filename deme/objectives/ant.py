@@ -88,11 +88,11 @@ class ANTObjective(nn.Module):
         t = task * width + torch.randint(0, width, (batch,), generator=generator)
         return t, task
 
-    def forward(self, model: nn.Module, x0: torch.Tensor, generator: torch.Generator):
+    def forward(self, model: nn.Module, x0: torch.Tensor, generator: torch.Generator, cond: dict | None = None):
         t, task = self.task_timesteps(x0.shape[0], generator)
         t, task = t.to(x0.device), task.to(x0.device)
         noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
-        pred = model(add_noise(self.alphas_cumprod, x0, noise, t), t).sample.float()
+        pred = model(add_noise(self.alphas_cumprod, x0, noise, t), t, **(cond or {})).sample.float()
         per_sample = (pred - noise.float()).pow(2).flatten(1).mean(1)
         K = self.num_tasks
         losses = torch.stack([per_sample[task == j].mean() for j in range(K)])

@@ -46,13 +46,14 @@ class EpsObjective:
     def noisy(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return add_noise(self.alphas_cumprod, x0, noise, t)
 
-    def __call__(self, model: nn.Module, x0: torch.Tensor, generator: torch.Generator):
+    def __call__(self, model: nn.Module, x0: torch.Tensor, generator: torch.Generator, cond: dict | None = None):
         t = sample_timesteps(x0.shape[0], self.lo, self.hi, p=self.p, num_timesteps=self.num_timesteps,
                              granularity=self.granularity, antithetic=self.antithetic,
                              generator=generator).to(x0.device)
         noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
         xt = self.noisy(x0, noise, t)
-        pred = model(xt, t).sample.float()
+        cond = cond or {}  # text-to-image: the prompt's encoder_hidden_states, for the teacher too
+        pred = model(xt, t, **cond).sample.float()
         loss_eps = F.mse_loss(pred, noise.float())
         terms = {"loss_eps": loss_eps.detach()}
         if self.weights is None:
@@ -62,7 +63,7 @@ class EpsObjective:
             loss = (self.weights.to(x0.device, torch.float32)[t] * per_sample).mean()
         if self.teacher is not None and self.consistency_weight > 0:
             with torch.no_grad():
-                target = self.teacher(xt, t).sample.float()
+                target = self.teacher(xt, t, **cond).sample.float()
             loss_consistency = F.mse_loss(pred, target)
             loss = loss + self.consistency_weight * loss_consistency
             terms["loss_consistency"] = loss_consistency.detach()

@@ -53,18 +53,22 @@ class DiffTuningObjective(nn.Module):
                 x0[use_buffer.to(x0.device)] = self.buffer[idx[use_buffer]].to(x0.device, x0.dtype)
         return t, x0, use_buffer
 
-    def forward(self, model: nn.Module, x0: torch.Tensor, generator: torch.Generator):
+    def forward(self, model: nn.Module, x0: torch.Tensor, generator: torch.Generator, cond: dict | None = None):
+        if cond and self.variant == "buffer":
+            raise ValueError("the Diff-Tuning buffer variant has no prompts for its buffer images; "
+                             "text-to-image profiles use baselines.difftuning.variant: kd")
+        cond = cond or {}
         t, x0, use_buffer = self.draw(x0, generator)
         t = t.to(x0.device)
         noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
         xt = add_noise(self.alphas_cumprod, x0, noise, t)
-        pred = model(xt, t).sample.float()
+        pred = model(xt, t, **cond).sample.float()
         loss_eps = F.mse_loss(pred, noise.float())
         loss = loss_eps
         terms = {"loss_eps": loss_eps.detach(), "buffer_fraction": use_buffer.float().mean()}
         if self.variant == "kd":
             with torch.no_grad():
-                target = self.teacher(xt, t).sample.float()
+                target = self.teacher(xt, t, **cond).sample.float()
             xi = retention_weight(t, len(self.alphas_cumprod)).to(x0.device, torch.float32)
             kd = (xi * (pred - target).pow(2).flatten(1).mean(1)).mean()
             loss = loss + self.kd_weight * kd

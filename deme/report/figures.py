@@ -7,6 +7,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 
@@ -76,4 +77,32 @@ def weightings(path: Path) -> Path:
         ax.set(title=title, xlabel="timestep t", yscale="log")
     axes[0].set_ylabel("weight on the ε-MSE, λ_ε(t)")
     axes[1].legend(fontsize=8)
+    return _save(fig, path)
+
+
+def prompt_grid(samples_dir: Path, models: list[tuple[str, str]], prompts: list[str], path: Path) -> Path | None:
+    """The prompt-by-model grid: one row per model (its ``<key>-prompts.png`` strip from the evaluate stage,
+    same prompts and seeds for every model), the prompts as column titles."""
+    import textwrap
+
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    rows = [(label, samples_dir / f"{key}-prompts.png") for key, label in models]
+    rows = [(label, p) for label, p in rows if p.exists()]
+    if not rows or not prompts:
+        return None
+    strips = [np.asarray(Image.open(p).convert("RGB")) for _, p in rows]
+    h, w = strips[0].shape[:2]
+    fig, axes = plt.subplots(len(rows), 1, figsize=(max(8, 1.6 * len(prompts)), 1.5 * len(rows) + 1.2), squeeze=False)
+    for ax, (label, _), strip in zip(axes[:, 0], rows, strips):
+        ax.imshow(strip)
+        ax.set_yticks([])
+        ax.set_xticks([])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+    cell = w / len(prompts)
+    top = axes[0, 0]
+    top.set_xticks([cell * (i + 0.5) for i in range(len(prompts))])
+    top.set_xticklabels(["\n".join(textwrap.wrap(p, 18)) for p in prompts], fontsize=7)
+    top.xaxis.tick_top()
     return _save(fig, path)

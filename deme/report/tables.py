@@ -35,8 +35,14 @@ def _read(path: Path) -> dict | None:
         return None
 
 
-def measured_profiles(metrics_root: Path) -> list[str]:
-    return sorted(p.name for p in metrics_root.iterdir() if (p / "evaluate").is_dir()) if metrics_root.exists() else []
+def measured_profiles(metrics_root: Path, task: str = "image") -> list[str]:
+    """Profiles of one task (image: Table 1; t2i: Table 2) with evaluation metrics."""
+    from deme.profiles import PROFILES
+
+    if not metrics_root.exists():
+        return []
+    return sorted(p.name for p in metrics_root.iterdir() if (p / "evaluate").is_dir()
+                  and PROFILES.get(p.name, {}).get("task", "image") == task)
 
 
 def collect_fid(metrics_root: Path, profiles: list[str]) -> pd.DataFrame:
@@ -124,3 +130,66 @@ def paper_only_rows(table: str = "table1") -> str:
     rows = [{"Method (paper)": r["label"], **{f"{c} FID (paper)": f"{v:.2f}" for c, v in zip(paper["columns"], r["values"])},
              "Iterations (paper)": r["iterations"]} for k, r in paper["rows"].items() if k not in measured]
     return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True) if rows else ""
+
+
+# Table 2 (PAPER.md §3.2): the text-to-image rows, in the paper's order, and its metric columns.
+TABLE2_ROWS = [
+    ("pretrained", "Pretrained (before finetuning)", "pretrained"),
+    ("plain", "Plain finetuning (control)", None),
+    ("snr_plus_one", "SNR+1", "snr_plus_one"),
+    ("trunc_snr", "Trun-SNR", "trunc_snr"),
+    ("min_snr", "Min-SNR-γ", "min_snr"),
+    ("p2", "P2 weighting", "p2"),
+    ("ant_nash", "ANT-NashMTL", "ant_nash"),
+    ("ant_uw", "ANT-UW", "ant_uw"),
+    ("difftuning", "Diff-Tuning (KD)", None),
+    ("ensemble", "DeMe (before merge: timestep ensemble)", "ensemble"),
+    ("merged", "DeMe (after merge: task-vector merge)", "merged"),
+]
+TABLE2_METRICS = [("coco_fid", "COCO FID↓", False), ("coco_clip", "COCO CLIP↑", True),
+                  ("imagenet_fid", "ImageNet FID↓", False), ("imagenet_clip", "ImageNet CLIP↑", True),
+                  ("parti_clip", "PartiPrompts CLIP↑", True)]
+
+
+def collect_t2i(metrics_root: Path, profile: str) -> pd.DataFrame:
+    """Table 2 metrics per method of one text-to-image profile; NaN where not evaluated."""
+    rows = {}
+    for key, _, _ in TABLE2_ROWS:
+        m = _read(metrics_root / profile / "evaluate" / f"{key}.json") or {}
+        rows[key] = {k: m.get(k, np.nan) for k, _, _ in TABLE2_METRICS}
+    return pd.DataFrame.from_dict(rows, orient="index", dtype=float)
+
+
+def _mark_best(values: pd.Series, text: pd.Series, higher: bool) -> pd.Series:
+    candidates = values.dropna()
+    if candidates.empty:
+        return text
+    best = candidates.max() if higher else candidates.min()
+    return pd.Series([f"**{t}**" if k in candidates.index and values[k] == best else t for k, t in text.items()],
+                     index=text.index)
+
+
+def table2(metrics_root: Path, n_intervals: dict[str, int]) -> str:
+    """Markdown Table 2: every measured text-to-image profile's FID / CLIP with the delta against its
+    pretrained model in brackets (the paper's layout), the iterations, then the paper's columns."""
+    profiles = measured_profiles(metrics_root, "t2i")
+    out = pd.DataFrame(index=[k for k, _, _ in TABLE2_ROWS])
+    out["Method"] = [label for _, label, _ in TABLE2_ROWS]
+    for prof in profiles:
+        data = collect_t2i(metrics_root, prof)
+        for key, label, higher in TABLE2_METRICS:
+            col, pre = data[key], data[key].get("pretrained", np.nan)
+            text = pd.Series({k: ("" if np.isnan(v) else f"{v:.2f}" if k == "pretrained" or np.isnan(pre)
+                                  else f"{v:.2f} ({v - pre:+.2f})") for k, v in col.items()})
+            out[f"{prof} {label} (ours)"] = _mark_best(col, text, higher)
+        its = iterations_of(metrics_root, prof, n_intervals.get(prof, 0))
+        out[f"{prof} iterations"] = [its.get(k, "") for k in out.index]
+    paper = paper_table("table2")
+    for j, name in enumerate(paper["columns"]):
+        vals = pd.Series({k: (paper["rows"][pk]["values"][j] if pk else np.nan) for k, _, pk in TABLE2_ROWS})
+        pre = vals["pretrained"]
+        text = pd.Series({k: ("" if np.isnan(v) else f"{v:.2f}" if k == "pretrained" else f"{v:.2f} ({v - pre:+.2f})")
+                          for k, v in vals.items()})
+        out[f"{name} (paper)"] = _mark_best(vals, text, "CLIP" in name)
+    out["Iterations (paper)"] = [paper["rows"][pk]["iterations"] if pk else "" for _, _, pk in TABLE2_ROWS]
+    return out.to_markdown(index=False, disable_numparse=True)
