@@ -362,16 +362,16 @@ class SampleConfig:
             _check(f"{k}.sampler", self.sampler.endswith("Scheduler") and hasattr(diffusers, self.sampler),
                    f"unknown sampler {self.sampler!r}; allowed: {', '.join(SCHEDULER_ALIASES)} or a diffusers "
                    f"*Scheduler class name")
-
-    @property
-    def scheduler_class(self) -> str:
-        return SCHEDULER_ALIASES.get(self.sampler, self.sampler)
         _choice(f"{k}.precision", self.precision, ("fp32", "fp16", "bf16"))
         _check(f"{k}.steps", 1 <= self.steps <= 1000, "must be in [1, 1000]")
         _check(f"{k}.eta", 0 <= self.eta <= 1, "must be in [0, 1]")
         _check(f"{k}.batch_size", self.batch_size >= 1, "must be >= 1")
         _check(f"{k}.num_samples", self.num_samples >= 16, "must be >= 16")
         _check(f"{k}.grid_size", self.grid_size >= 1, "must be >= 1")
+
+    @property
+    def scheduler_class(self) -> str:
+        return SCHEDULER_ALIASES.get(self.sampler, self.sampler)
 
 
 @dataclass(frozen=True)
@@ -586,7 +586,10 @@ class BenchmarksConfig:
 
     coco_prompts: str = ""  # BK-SDM mscoco_val2014_30k/metadata.csv (file_name,text), >= coco_count rows
     coco_images: str = ""  # the val2014 image folder: FID reference = every image, resized to fid_resolution
-    coco_count: int = 30_000  # prompts evaluated; the merge search uses the next merge.proxy_samples rows
+    coco_count: int = 30_000  # prompts evaluated (the first rows of coco_prompts)
+    # the merge search's FID proxy (merge.proxy_samples prompts, disjoint images); '' = the rows of coco_prompts
+    # after the first coco_count
+    coco_proxy_prompts: str = ""
     imagenet_classes: str = ""  # one class name per line (1000)
     imagenet_template: str = "a photo of a {}"  # PAPER.md §3.2 [OURS]
     imagenet_per_class: int = 2

@@ -160,7 +160,7 @@ def _tiny_t2i() -> dict:
     q.update(profile="tiny_t2i", task="t2i")
     del q["model"]["unet"]  # the UNet2DConditionModel is pipeline.unet
     q["schedule"] = dict(_SD_SCHEDULE)
-    q["pretrain"].update(iterations=1500, batch_size=64, lr=1e-3)
+    q["pretrain"].update(iterations=1000, batch_size=64, lr=1e-3)
     q["finetune"].update(iterations=25, batch_size=32, log_every=5, ckpt_every=25)
     q["deme"]["p"] = 0.3  # the SD setting (PAPER.md §1.6)
     q["baselines"]["difftuning"].update(variant="kd")  # no prompt-conditioned retention buffer: §6.3's KD form
@@ -172,17 +172,18 @@ def _tiny_t2i() -> dict:
                  "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "cross_attention_dim": 32,
                  "attention_head_dim": 8, "norm_num_groups": 8},
         "vae": {"block_out_channels": [16, 32], "latent_channels": 4, "layers_per_block": 1, "norm_num_groups": 8,
-                "iterations": 400, "batch_size": 64, "lr": 2e-3, "kl_weight": 1e-6},
+                "iterations": 300, "batch_size": 64, "lr": 2e-3, "kl_weight": 1e-6},
         "text_encoder": {"hidden_size": 32, "layers": 2, "heads": 2, "intermediate_size": 64, "max_length": 16},
         "guidance_scale": 3.0, "caption_dropout": 0.0, "pretrain_caption_dropout": 0.1,
     }
     q["clip"] = {"model": "deme-tiny-clip", "pretrained": "", "local_path": "", "cache_dir": "", "batch_size": 256,
                  "train": True, "embed_dim": 64, "width": 64, "layers": 2, "heads": 2, "patch_size": 4,
-                 "context_length": 16, "iterations": 600, "train_batch_size": 128, "lr": 1e-3}
+                 "context_length": 16, "iterations": 200, "train_batch_size": 128, "lr": 1e-3}
     # stand-ins: COCO = held-out captions (FID vs the held-out images), ImageNet = shape x colour class names in
     # a fixed template (FID vs the held-out images), PartiPrompts = compositional rephrasings (CLIP only)
-    q["benchmarks"] = {"coco_prompts": "", "coco_images": "", "coco_count": 256, "imagenet_classes": "",
-                       "imagenet_template": "a {} on a black background", "imagenet_per_class": 4,
+    q["benchmarks"] = {"coco_prompts": "", "coco_images": "", "coco_count": 200, "coco_proxy_prompts": "",
+                       "imagenet_classes": "",
+                       "imagenet_template": "a {} on a black background", "imagenet_per_class": 3,
                        "imagenet_images": "", "parti_prompts": "", "parti_count": 64, "fid_resolution": 16,
                        "reference_samples": 0, "grid_prompts": 8}
     return q
@@ -220,7 +221,7 @@ def _sd14() -> dict:
     CLIP ViT-g-14, ImageNet 2 x 1000 classes, PartiPrompts 1,632."""
     q = _tiny_t2i()
     q["profile"] = "sd14"
-    q["data"].update(kind="laion", resolution=512, num_train=0, num_ref=0, path="datasets/laion_aes_6.5plus",
+    q["data"].update(kind="laion", resolution=512, num_train=0, num_ref=1000, path="datasets/laion_aes_6.5plus",
                      crop="center")
     q["model"] = {"source": "hub", "pretrained_id": "CompVis/stable-diffusion-v1-4", "local_path": ""}
     q["finetune"].update(iterations=20_000, batch_size=16, grad_accum=4, lr=5e-5, precision="fp16",
@@ -243,6 +244,7 @@ def _sd14() -> dict:
                  "patch_size": 4, "context_length": 16, "iterations": 600, "train_batch_size": 128, "lr": 1e-3}
     q["benchmarks"] = {"coco_prompts": "datasets/coco/mscoco_val2014_30k/metadata.csv",
                        "coco_images": "datasets/coco/val2014", "coco_count": 30_000,
+                       "coco_proxy_prompts": "datasets/coco/proxy_5k/metadata.csv",
                        "imagenet_classes": "datasets/imagenet/classnames.txt",
                        "imagenet_template": "a photo of a {}", "imagenet_per_class": 2,
                        "imagenet_images": "datasets/imagenet/val", "parti_prompts": "datasets/parti/PartiPrompts.tsv",

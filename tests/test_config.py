@@ -48,6 +48,9 @@ def test_each_pipeline_takes_only_its_own_profiles():
         config_from_mapping({"t2i": {"profile": "tiny_t2i", "sample": {"sampler": "fast"}}}, "t2i")
     cfg = config_from_mapping({"t2i": {"profile": "tiny_t2i", "sample": {"sampler": "DPMSolverMultistepScheduler"}}}, "t2i")
     assert cfg.sample.scheduler_class == "DPMSolverMultistepScheduler"
+    for key, value in (("steps", 0), ("eta", 2.0), ("precision", "fp8"), ("batch_size", 0)):
+        with pytest.raises(ConfigError, match=f"^t2i.sample.{key}: "):
+            config_from_mapping({"t2i": {"profile": "tiny_t2i", "sample": {key: value}}}, "t2i")
     with pytest.raises(ConfigError, match="^sample.sampler: image profiles sample with 'ddim'"):
         config_from_mapping({"profile": "tiny", "sample": {"sampler": "pndm"}})
 

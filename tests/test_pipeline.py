@@ -1,4 +1,5 @@
-"""The pipeline end to end: the real `dvc repro` of the micro profile in a temporary git repository.
+"""The pipeline end to end: the real `dvc repro` of the micro profile (image) and the micro_t2i profile
+(text-to-image, the `t2i:` section) in a temporary git repository.
 
 Checks outputs, metrics, the MLflow runs and their tags, that a second `dvc repro` does nothing, and that
 `dvc exp run -S` of a finetuning parameter reruns only what depends on it.
@@ -41,6 +42,7 @@ def micro_repo(tmp_path_factory):
     env["PYTHONWARNINGS"] = "ignore"
     env.pop("DVC_EXP_NAME", None)
     _run([sys.executable, "-m", "deme.profiles", "use", "micro"], work, env)
+    _run([sys.executable, "-m", "deme.profiles", "use", "micro_t2i"], work, env)
     for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "ci@example.com"],
                 ["git", "config", "user.name", "ci"], ["git", "add", "-A"], ["git", "commit", "-qm", "micro"]):
         _run(cmd, work, env)
@@ -48,11 +50,11 @@ def micro_repo(tmp_path_factory):
     return work, env, first
 
 
-def _runs(work: Path) -> list:
+def _runs(work: Path, profile: str = "micro") -> list:
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("micro")
+    exp = client.get_experiment_by_name(profile)
     return client.search_runs([exp.experiment_id], max_results=1000)
 
 
@@ -75,6 +77,38 @@ def test_repro_writes_measured_metrics_and_report(micro_repo):
     for label in ("Min-SNR-γ", "P2 weighting", "SNR+1", "Trun-SNR", "ANT-UW", "ANT-NashMTL", "Diff-Tuning"):
         assert label in report
     assert (work / "reports/micro/weightings.png").stat().st_size > 0
+
+
+T2I_MODELS = ("pretrained", "plain", "ensemble", "merged", "min_snr", "p2", "snr_plus_one", "trunc_snr", "ant_uw",
+              "ant_nash", "difftuning")
+
+
+def test_text_to_image_pipeline_writes_table2(micro_repo):
+    """The t2i stages ran for micro_t2i: every model evaluated on the three benchmarks with FID and CLIP,
+    the report holds a measured Table 2 and the prompt-by-model grid, one MLflow run per stage."""
+    work, _, _ = micro_repo
+    for model in T2I_MODELS:
+        m = json.loads((work / "metrics/micro_t2i/evaluate" / f"{model}.json").read_text())
+        for key in ("coco_fid", "imagenet_fid", "coco_clip", "imagenet_clip", "parti_clip"):
+            assert math.isfinite(m[key]), (model, key, m)
+        assert m["prompts"] == {"coco": 32, "imagenet": 40, "parti": 16} and m["sampler"] == "PNDMScheduler"
+        assert (work / "samples/micro_t2i" / f"{model}-prompts.png").stat().st_size > 0
+    clip = json.loads((work / "metrics/micro_t2i/clip.json").read_text())
+    assert 0 <= clip["ranking_accuracy"] <= 1
+    assert (work / "latents/micro_t2i/latents.npy").exists()
+    assert (work / "models/micro_t2i/pretrained/model_index.json").exists()
+    report = (work / "reports/micro/report.md").read_text()
+    assert "Table 2" in report and "micro_t2i COCO FID↓ (ours)" in report and "COCO FID (paper)" in report
+    merged = json.loads((work / "metrics/micro_t2i/evaluate/merged.json").read_text())
+    assert f"{merged['coco_fid']:.2f}" in report
+    assert (work / "reports/micro/prompt_grid_micro_t2i.png").stat().st_size > 0
+    runs = _runs(work, "micro_t2i")
+    names = sorted(r.info.run_name for r in runs)
+    single = ["plain", "min_snr", "p2", "snr_plus_one", "trunc_snr", "ant_uw", "ant_nash", "difftuning"]
+    assert names == sorted(["prepare", "featnet", "clip", "fid_ref", "pretrain", "latents", "finetune@interval-1",
+                            "finetune@interval-2", "merge"] + [f"finetune@{m}" for m in single]
+                           + [f"evaluate@{m}" for m in T2I_MODELS])
+    assert all(r.data.tags["task"] == "t2i" and r.info.status == "FINISHED" for r in runs)
 
 
 def test_one_mlflow_run_per_stage_with_tags(micro_repo):

@@ -8,6 +8,7 @@ uint8 arrays the other stages read with ``np.load(mmap_mode="r")``:
     out_dir/train.npy      uint8 [n, resolution, resolution, 3]
     out_dir/ref.npy        uint8 [m, resolution, resolution, 3], the FID reference images
     out_dir/manifest.json  sources, counts, transform, seed, sha256 of both arrays, skipped images
+    out_dir/{train,ref}.meta.npz  with captions=True: key ``captions``, one per kept image, in order
 
 Transform (PAPER.md §1.6, the official church script): convert to RGB, resize the shorter side to the
 training resolution (PIL bilinear), then a random crop (the script's center-crop flag is off), no
@@ -22,24 +23,42 @@ held-out split (CIFAR ``test_batch``; parquet files whose name contains "test" o
 
 Big sets (LSUN church is ~120K images, ~24 GB at 256²) are streamed: images are decoded one at a time
 and written into a memory-mapped .npy, never held in RAM together.
+
+Captions (``captions=True``; ``data.kind: laion``, the SD finetuning set of PAPER.md §8.2, e.g. BK-SDM's
+preprocessed 212k LAION-Aesthetics 6.5+ folder): an image folder whose captions come from a
+``metadata.csv`` (``file_name,text``: the HF imagefolder / BK-SDM convention) or ``metadata.jsonl``
+(``{"file_name": ..., "text": ...}`` per line), file names relative to the metadata file's folder, or
+from a sidecar ``<stem>.txt`` / ``<name>.txt`` per image; or parquet files with an image column and a
+``text`` / ``caption`` column. The captions of the kept images, in the same order, go to
+``train.meta.npz`` / ``ref.meta.npz`` under key ``captions`` (the key of the generated shapes, read by
+``deme.data.load_set``). A missing or empty caption, a caption that is not valid UTF-8 (found line by
+line, so the message names the line), a metadata row naming a missing image and a duplicate row are
+reported like corrupt images: a DataError naming the file and line (or parquet row) with
+``on_corrupt=fail``, otherwise skipped together with the image and listed in the manifest.
 """
 from __future__ import annotations
 
+import csv
 import io
+import json
 import pickle
 import sys
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from deme.io import sha256_file, write_json
+from deme.io import atomic_write_bytes, sha256_file, write_json
 
 
 class DataError(ValueError):
     """A problem with the user's dataset; the message names the file (and row/key) and what to do."""
+
+
+class CaptionError(DataError):
+    """A missing, empty or undecodable caption; the message names the file and line (or parquet row)."""
 
 
 FORMATS = ("cifar_python", "image_folder", "parquet", "lmdb")
@@ -48,11 +67,17 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR_TEST = "test_batch"
 PARQUET_IMAGE_COLUMNS = ("image", "img")  # HF exports: "image" (LSUN church), "img" (cifar10)
+PARQUET_TEXT_COLUMNS = ("text", "caption")  # captioned parquet (LAION exports: "text"; HF: "caption")
+CAPTION_FORMATS = ("image_folder", "parquet")  # the formats that can carry captions
+METADATA_FILES = ("metadata.csv", "metadata.jsonl")  # HF imagefolder convention (BK-SDM: metadata.csv)
+METADATA_NAME_KEY = "file_name"
+METADATA_TEXT_KEYS = ("text", "caption")
 PARQUET_BATCH_ROWS = 256  # rows decoded from parquet at a time (bounded memory)
 MAX_WARNINGS = 20  # skip warnings printed to stderr; the manifest lists all of them
 
 # A source: how many images, and a function that yields (item name, load) pairs in source order, where
-# load() returns a PIL image or an HWC uint8 array (and may raise on a corrupt image).
+# load() returns a PIL image or an HWC uint8 array (and may raise on a corrupt image). A captioned source's
+# load() returns (image, caption) and raises CaptionError when the caption is missing or unreadable.
 Item = tuple[str, Callable[[], "Image.Image | np.ndarray"]]
 Source = tuple[int, Callable[[], Iterator[Item]]]
 
@@ -226,18 +251,231 @@ def _cifar_sources(path: Path) -> dict[str, Source]:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Text files, decoded line by line (captions here; prompt files in deme/data/prompts.py)
+# ----------------------------------------------------------------------------------------------------
+
+BOM = b"\xef\xbb\xbf"
+
+
+def utf8_line_error(path: str | Path, lineno: int, raw: bytes, err: UnicodeDecodeError) -> str:
+    """``<path> line <n>: not valid UTF-8 (byte 0x.. at column c)``: where the bad byte is."""
+    return (f"{path} line {lineno}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
+            f"re-save the file as UTF-8")
+
+
+def read_lines(path: str | Path, *, strict: bool = True) -> list[tuple[int, str, str | None]]:
+    """The lines of a text file as (line number, text, error), decoded one line at a time.
+
+    A leading BOM and the line ends (\\n or \\r\\n) are dropped; a final newline does not make an extra
+    line. strict: a line that is not valid UTF-8 raises DataError naming the line and the byte; otherwise
+    that line is decoded with surrogateescape and ``error`` holds the message (None for good lines).
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    if data.startswith(BOM):
+        data = data[len(BOM):]
+    raw_lines = data.split(b"\n")
+    if raw_lines and raw_lines[-1] == b"":
+        raw_lines.pop()
+    out = []
+    for lineno, raw in enumerate(raw_lines, start=1):
+        raw = raw[:-1] if raw.endswith(b"\r") else raw
+        try:
+            out.append((lineno, raw.decode("utf-8"), None))
+        except UnicodeDecodeError as e:
+            msg = utf8_line_error(path, lineno, raw, e)
+            if strict:
+                raise DataError(msg) from None
+            out.append((lineno, raw.decode("utf-8", "surrogateescape"), msg))
+    return out
+
+
+def has_surrogates(text: str) -> bool:
+    """True when ``text`` holds bytes that were not valid UTF-8 (decoded with surrogateescape)."""
+    return any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
+def csv_records(lines: list[tuple[int, str, str | None]], delimiter: str = ",",
+                quoting: int = csv.QUOTE_MINIMAL) -> Iterator[tuple[int, int, list[str]]]:
+    """CSV records of decoded lines as (first line, last line, fields); quoted fields may span lines."""
+    it = iter(lines)
+    numbers = []
+
+    def feed():
+        for lineno, text, _ in it:
+            numbers.append(lineno)
+            yield text + "\n"
+    reader = csv.reader(feed(), delimiter=delimiter, quoting=quoting, strict=False)
+    done = 0
+    for row in reader:
+        first, last = numbers[done], numbers[reader.line_num - 1]
+        done = reader.line_num
+        yield first, last, row
+
+
+# ----------------------------------------------------------------------------------------------------
+# Captions of an image folder: metadata.csv / metadata.jsonl (HF imagefolder, BK-SDM) or <image>.txt
+# ----------------------------------------------------------------------------------------------------
+
+def _row_error(lines, first: int, last: int) -> str | None:
+    """The UTF-8 error of the first bad line among lines first..last, if any."""
+    for lineno, _, err in lines[first - 1:last]:
+        if err:
+            return err
+    return None
+
+
+class _Row(NamedTuple):
+    """One metadata row."""
+
+    line: int  # first line of the row (1-based, the header is line 1)
+    name: str | None  # file_name
+    text: str | None  # the caption
+    utf8: str | None  # the UTF-8 error of the row's lines, if any
+    problem: str | None  # what makes the row unusable (malformed), if anything
+
+
+def _jsonl_rows(meta: Path, lines) -> Iterator[_Row]:
+    for lineno, text, err in lines:
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as e:
+            yield _Row(lineno, None, None, err, err or f"not a JSON object ({e})")
+            continue
+        if not isinstance(row, dict):
+            yield _Row(lineno, None, None, err, "not a JSON object")
+            continue
+        value = next((row[k] for k in METADATA_TEXT_KEYS if k in row), None)
+        name = row.get(METADATA_NAME_KEY)
+        yield _Row(lineno, name if isinstance(name, str) else None, None if value is None else str(value),
+                   err, None)
+
+
+def _csv_rows(meta: Path, lines) -> Iterator[_Row]:
+    records = csv_records(lines)
+    header = next(records, None)
+    if header is None:
+        raise DataError(f"{meta}: empty file; expected a header '{METADATA_NAME_KEY},text' and one row per image")
+    names = [h.strip() for h in header[2]]
+    text_key = next((k for k in METADATA_TEXT_KEYS if k in names), None)
+    if METADATA_NAME_KEY not in names or text_key is None:
+        raise DataError(f"{meta} line 1: header {names} lacks '{METADATA_NAME_KEY}' and 'text' (or 'caption'); "
+                        f"the file needs the columns {METADATA_NAME_KEY},text")
+    i_name, i_text = names.index(METADATA_NAME_KEY), names.index(text_key)
+    for first, last, row in records:
+        if not any(f.strip() for f in row):
+            continue  # a blank line
+        err = _row_error(lines, first, last)
+        if len(row) != len(names):
+            yield _Row(first, None, None, err, f"{len(row)} fields, the header has {len(names)}")
+        else:
+            yield _Row(first, row[i_name], row[i_text], err, None)
+
+
+def _read_metadata(meta: Path, skips: "_Skips") -> dict[Path, "str | CaptionError"]:
+    """image path -> caption (or the CaptionError of its row). Rows that name no existing image, malformed
+    rows and duplicates are reported through ``skips`` (a DataError with on_corrupt=fail)."""
+    lines = read_lines(meta, strict=False)
+    rows = _jsonl_rows(meta, lines) if meta.suffix == ".jsonl" else _csv_rows(meta, lines)
+    out: dict[Path, str | CaptionError] = {}
+    first_line: dict[Path, int] = {}
+    for r in rows:
+        where = f"{meta} line {r.line}"
+        name = (r.name or "").strip()
+        if r.problem or not name:
+            problem = r.problem or f"no {METADATA_NAME_KEY}"
+            skips.add(f"{meta}:{r.line}", DataError(problem if problem.startswith(str(meta)) else
+                                                    f"{where}: {problem}"), what="metadata row")
+            continue
+        if has_surrogates(name):
+            skips.add(f"{meta}:{r.line}", DataError(r.utf8 or f"{where}: file name is not valid UTF-8"),
+                      what="metadata row")
+            continue
+        image = meta.parent / name
+        if not image.is_file():
+            skips.add(f"{meta}:{r.line}", DataError(f"{where}: image {name!r} not found in {meta.parent}"),
+                      what="metadata row")
+            continue
+        if image in out:
+            skips.add(f"{meta}:{r.line}", DataError(f"{where}: second row for {name!r} (first at line "
+                                                    f"{first_line[image]}); this row is ignored"),
+                      what="metadata row")
+            continue
+        first_line[image] = r.line
+        if r.text is not None and has_surrogates(r.text):
+            out[image] = CaptionError(r.utf8 or f"{where}: caption is not valid UTF-8")
+        elif r.text is None or not r.text.strip():
+            out[image] = CaptionError(f"{where}: missing caption")
+        else:
+            out[image] = r.text.strip()
+    return out
+
+
+def _sidecar_caption(image: Path) -> str:
+    """The caption of ``a.png`` from ``a.txt`` (or ``a.png.txt``); CaptionError when there is none."""
+    for side in (image.with_suffix(".txt"), image.with_name(image.name + ".txt")):
+        if side.is_file():
+            try:
+                lines = read_lines(side)
+            except DataError as e:
+                raise CaptionError(str(e)) from None
+            text = "\n".join(t for _, t, _ in lines).strip()
+            if not text:
+                raise CaptionError(f"{side}: empty caption")
+            return text
+    raise CaptionError(f"{image}: no caption (no metadata.csv / metadata.jsonl row, no {image.stem}.txt)")
+
+
+def _folder_captions(path: Path, skips: "_Skips") -> Callable[[Path], str]:
+    """caption(image) for a captioned image folder: metadata rows first, then a sidecar .txt."""
+    metas = sorted(p for name in METADATA_FILES for p in path.rglob(name) if p.is_file())
+    dirs = [m.parent for m in metas]
+    for d in dirs:
+        if dirs.count(d) > 1:
+            raise DataError(f"{d}: both metadata.csv and metadata.jsonl; keep one")
+    if not metas and next(path.rglob("*.txt"), None) is None:
+        raise DataError(f"{path}: no captions found (looked for {' / '.join(METADATA_FILES)} with columns "
+                        f"{METADATA_NAME_KEY},text, or a <image>.txt per image); add them, or use data.kind "
+                        f"without captions")
+    table: dict[Path, str | CaptionError] = {}
+    for meta in metas:
+        table.update(_read_metadata(meta, skips))
+
+    def caption(image: Path) -> str:
+        got = table.get(image)
+        if got is None:
+            return _sidecar_caption(image)
+        if isinstance(got, CaptionError):
+            raise got
+        return got
+    return caption
+
+
+# ----------------------------------------------------------------------------------------------------
 # Image folder
 # ----------------------------------------------------------------------------------------------------
 
-def _folder_sources(path: Path) -> dict[str, Source]:
+def _folder_sources(path: Path, skips: "_Skips | None" = None) -> dict[str, Source]:
+    """Every image under ``path`` (recursive, sorted); with ``skips`` (captions wanted) each item loads
+    (image, caption), the caption first so that an uncaptioned image is not decoded for nothing."""
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not files:
         raise DataError(f"{path}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}, recursively); "
                         f"put the images there or fix the path")
+    caption = _folder_captions(path, skips) if skips is not None else None
+
+    def load_captioned(f: Path) -> tuple[Image.Image, str]:
+        text = caption(f)  # first: an image without a caption is not decoded
+        return _open_file(f), text
 
     def items():
         for f in files:
-            yield str(f), (lambda f=f: _open_file(f))
+            if caption is None:
+                yield str(f), (lambda f=f: _open_file(f))
+            else:
+                yield str(f), (lambda f=f: load_captioned(f))
     return {"train": (len(files), items)}
 
 
@@ -254,7 +492,35 @@ def _parquet_column(pf, f: Path) -> str:
                     f"export the dataset with an 'image' column of encoded image bytes")
 
 
-def _parquet_split(files: list[Path]) -> Source:
+def _parquet_text_column(pf, f: Path) -> str:
+    names = pf.schema_arrow.names
+    for c in PARQUET_TEXT_COLUMNS:
+        if c in names:
+            return c
+    raise DataError(f"{f}: no caption column (looked for {PARQUET_TEXT_COLUMNS}, found {names}); "
+                    f"export the dataset with a 'text' column of captions")
+
+
+def _parquet_caption(value, where: str) -> str:
+    """A parquet caption cell (string or bytes) as text; CaptionError naming file:row when unusable."""
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CaptionError(f"{where}: caption is not valid UTF-8 (byte 0x{value[e.start]:02x} at "
+                               f"position {e.start + 1})") from None
+    if value is None or not str(value).strip():
+        raise CaptionError(f"{where}: missing caption")
+    return str(value).strip()
+
+
+def _load_parquet_captioned(data, text, where: str) -> tuple[Image.Image, str]:
+    caption = _parquet_caption(text, where)  # first: a row without a caption is not decoded
+    return _open_encoded(data), caption
+
+
+def _parquet_split(files: list[Path], captions: bool = False) -> Source:
+    """Rows of ``files`` in order; with ``captions`` each item loads (image, caption)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -265,30 +531,38 @@ def _parquet_split(files: list[Path]) -> Source:
         except Exception as e:
             raise DataError(f"{f}: not a readable parquet file ({type(e).__name__}: {e}); "
                             f"download it again or remove it") from None
-        opened.append((f, pf, _parquet_column(pf, f)))
+        cols = [_parquet_column(pf, f)] + ([_parquet_text_column(pf, f)] if captions else [])
+        opened.append((f, pf, cols))
 
     def items():
-        for f, pf, col in opened:
+        for f, pf, cols in opened:
             row = 0
-            for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[col]):
+            for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=cols):
                 arr = batch.column(0)
                 if pa.types.is_struct(arr.type):
                     arr = arr.field("bytes")
-                for data in arr.to_pylist():
-                    yield f"{f}:{row}", (lambda data=data: _open_encoded(data))
+                texts = batch.column(1).to_pylist() if captions else [None] * len(arr)
+                for data, text in zip(arr.to_pylist(), texts):
+                    name = f"{f}:{row}"
+                    if captions:
+                        yield name, (lambda data=data, text=text, name=name:
+                                     _load_parquet_captioned(data, text, name))
+                    else:
+                        yield name, (lambda data=data: _open_encoded(data))
                     row += 1
     return sum(pf.metadata.num_rows for _, pf, _ in opened), items
 
 
-def _parquet_sources(path: Path) -> dict[str, Source]:
+def _parquet_sources(path: Path, skips: "_Skips | None" = None) -> dict[str, Source]:
     files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
     if not files:
         raise DataError(f"{path}: no .parquet files found; put the dataset's parquet files there")
     heldout = [f for f in files if "test" in f.name.lower() or "valid" in f.name.lower()]
     train = [f for f in files if f not in heldout]
-    out = {"train": _parquet_split(train)} if train else {}
+    captions = skips is not None
+    out = {"train": _parquet_split(train, captions)} if train else {}
     if heldout:
-        out["heldout"] = _parquet_split(heldout)
+        out["heldout"] = _parquet_split(heldout, captions)
     return out
 
 
@@ -320,12 +594,20 @@ _READERS = {"cifar_python": _cifar_sources, "image_folder": _folder_sources, "pa
             "lmdb": _lmdb_sources}
 
 
-def _sources(fmt: str, path: Path) -> dict[str, Source]:
+def _sources(fmt: str, path: Path, skips: "_Skips | None" = None) -> dict[str, Source]:
+    """The splits of the dataset at ``path``; with ``skips`` (captions wanted) their items load
+    (image, caption) and metadata problems are reported through ``skips``."""
     if fmt not in FORMATS:
         raise DataError(f"{path}: unknown dataset format {fmt!r}; use one of {FORMATS}")
     if not path.exists():
         detect_format(path)  # raises the "not found" message
-    return _READERS[fmt](path)
+    if skips is None:
+        return _READERS[fmt](path)
+    if fmt not in CAPTION_FORMATS:
+        raise DataError(f"{path}: the {fmt} format has no captions; a captioned dataset (data.kind: laion) is an "
+                        f"image folder with metadata.csv (file_name,text), metadata.jsonl or <image>.txt "
+                        f"captions, or parquet files with an image and a text column")
+    return _READERS[fmt](path, skips)
 
 
 def _chain(*sources: Source) -> Source:
@@ -376,10 +658,16 @@ class _Skips:
     def __init__(self, on_corrupt: str):
         self.on_corrupt, self.items, self.seen = on_corrupt, [], set()
 
-    def add(self, item: str, err: Exception) -> None:
+    def add(self, item: str, err: Exception, what: str = "image") -> None:
+        """Record a skipped ``item``; with on_corrupt=fail raise a DataError instead. Caption and metadata
+        problems (DataErrors) already name their file and line; the message keeps them."""
         reason = f"{type(err).__name__}: {err}".strip()
         if self.on_corrupt == "fail":
-            raise DataError(f"{item}: cannot read image ({reason}); fix or delete it, or rerun with "
+            if isinstance(err, DataError):
+                what = "caption" if isinstance(err, CaptionError) else what
+                raise DataError(f"{err}; fix the {what}, or rerun with on_corrupt=skip to leave "
+                                f"{'the image' if what == 'caption' else 'it'} out") from None
+            raise DataError(f"{item}: cannot read {what} ({reason}); fix or delete it, or rerun with "
                             f"on_corrupt=skip to leave it out") from None
         if item in self.seen:  # a training image drawn again for the reference set
             return
@@ -394,14 +682,25 @@ class _Skips:
                   f"shown); see 'skipped' in manifest.json")
 
 
+def default_transform(resolution: int, crop: str, seed: int) -> Callable[[object, int], np.ndarray]:
+    """The training transform of PAPER.md §1.6 as a (image, source index) -> uint8 [r, r, 3] function."""
+    return lambda img, index: transform_image(img, resolution, crop, seed, index)
+
+
 def _warn(msg: str) -> None:
     tqdm.write(msg, file=sys.stderr)  # does not break a running progress bar
 
 
 def _write_set(out: Path, source: Source, indices: np.ndarray, *, resolution: int, crop: str, seed: int,
-               skips: _Skips, progress: bool, desc: str) -> int:
-    """Transform the selected images of ``source`` into the .npy ``out``; returns the count written."""
+               skips: _Skips, progress: bool, desc: str, transform: Callable | None = None,
+               captions: list[str] | None = None) -> int:
+    """Transform the selected images of ``source`` into the .npy ``out``; returns the count written.
+
+    ``transform(image, index)``: default the training transform (``default_transform``). ``captions``: a
+    list that receives the caption of every written image, in order (captioned sources); a skipped image
+    takes its caption with it."""
     total, items = source
+    transform = transform or default_transform(resolution, crop, seed)
     if len(indices) == 0:
         raise DataError(f"{out.name}: no images selected; check the dataset path and counts")
     wanted = np.zeros(total, dtype=bool)
@@ -419,12 +718,16 @@ def _write_set(out: Path, source: Source, indices: np.ndarray, *, resolution: in
                     continue
                 seen += 1
                 try:
-                    img = transform_image(load(), resolution, crop, seed, index)
-                except Exception as e:  # decode errors, truncated files, unconvertible modes, ...
+                    got = load()
+                    img, text = got if isinstance(got, tuple) else (got, None)
+                    img = transform(img, index)
+                except Exception as e:  # decode errors, truncated files, unconvertible modes, captions, ...
                     skips.add(name, e)
                 else:
                     arr[written] = img
                     written += 1
+                    if captions is not None:
+                        captions.append(text)
                 bar.update(1)
         arr.flush()
         del arr
@@ -442,15 +745,31 @@ def _write_set(out: Path, source: Source, indices: np.ndarray, *, resolution: in
     return written
 
 
+def write_captions(images_path: Path, captions: list[str]) -> Path:
+    """``<stem>.meta.npz`` next to ``images_path`` with key ``captions`` (as deme.data.save_set writes the
+    shapes' captions), atomically; returns its path."""
+    from deme.data import meta_path
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, captions=np.asarray(captions, dtype=np.str_))
+    meta = meta_path(images_path)
+    atomic_write_bytes(meta, buf.getvalue())
+    return meta
+
+
 def prepare(fmt: str, path: str | Path, out_dir: str | Path, *, resolution: int, crop: str = "random",
             num_train: int = 0, num_ref: int = 0, ref_path: str | Path = "", seed: int = 0,
-            on_corrupt: str = "skip", progress: bool = True, ref_crop: str = "center") -> dict:
+            on_corrupt: str = "skip", progress: bool = True, ref_crop: str = "center",
+            captions: bool = False) -> dict:
     """Read the dataset at ``path`` (format ``fmt``, or "auto"), write train.npy, ref.npy, manifest.json.
 
     num_train / num_ref: 0 = all (of the training images / of the reference source); otherwise a seeded
     random subset in source order. Reference source: ``ref_path`` if given, else the held-out split,
     else ``num_ref`` random training images (required > 0 then). ``on_corrupt``: "skip" (listed in the
-    manifest, warned on stderr) or "fail" (DataError naming the image). Returns the manifest.
+    manifest, warned on stderr) or "fail" (DataError naming the image). ``captions``: the dataset is
+    captioned (image folder + metadata.csv / metadata.jsonl / <image>.txt, or parquet with a text
+    column; a ref_path must be too); the captions of the written images go to train.meta.npz and
+    ref.meta.npz (key ``captions``). Returns the manifest.
     """
     path, out_dir = Path(path), Path(out_dir)
     if fmt == "auto":
@@ -464,7 +783,8 @@ def prepare(fmt: str, path: str | Path, out_dir: str | Path, *, resolution: int,
     if num_train < 0 or num_ref < 0:
         raise DataError(f"num_train={num_train}, num_ref={num_ref}: use 0 (all) or a positive count")
 
-    sources = _sources(fmt, path)
+    skips = _Skips(on_corrupt)  # before reading: caption metadata problems are reported while reading it
+    sources = _sources(fmt, path, skips if captions else None)
     if "train" not in sources:
         raise DataError(f"{path}: no training images (every parquet file name contains 'test' or 'valid'); "
                         f"rename the training files")
@@ -474,7 +794,7 @@ def prepare(fmt: str, path: str | Path, out_dir: str | Path, *, resolution: int,
     ref_fmt = ""
     if ref_path:
         ref_fmt = detect_format(ref_path)
-        ref_sources = _sources(ref_fmt, Path(ref_path))
+        ref_sources = _sources(ref_fmt, Path(ref_path), skips if captions else None)
         ref, ref_source = _chain(*ref_sources.values()), "ref_path"
     elif "heldout" in sources:
         ref, ref_source = sources["heldout"], "held-out split"
@@ -486,11 +806,17 @@ def prepare(fmt: str, path: str | Path, out_dir: str | Path, *, resolution: int,
     ref_idx = _subset(ref[0], num_ref, seed, "reference", str(ref_path or path))
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    skips = _Skips(on_corrupt)
     kw = dict(resolution=resolution, seed=seed, skips=skips, progress=progress)
-    n_train = _write_set(out_dir / "train.npy", train, train_idx, crop=crop, desc="train", **kw)
-    n_ref = _write_set(out_dir / "ref.npy", ref, ref_idx, crop=ref_crop, desc="ref", **kw)
+    texts = {"train": [] if captions else None, "ref": [] if captions else None}
+    n_train = _write_set(out_dir / "train.npy", train, train_idx, crop=crop, desc="train",
+                         captions=texts["train"], **kw)
+    n_ref = _write_set(out_dir / "ref.npy", ref, ref_idx, crop=ref_crop, desc="ref", captions=texts["ref"], **kw)
     skips.summary()
+    sha = {"train.npy": sha256_file(out_dir / "train.npy"), "ref.npy": sha256_file(out_dir / "ref.npy")}
+    if captions:
+        for name, text in texts.items():
+            meta = write_captions(out_dir / f"{name}.npy", text)
+            sha[meta.name] = sha256_file(meta)
 
     manifest = {
         "format": fmt,
@@ -508,8 +834,10 @@ def prepare(fmt: str, path: str | Path, out_dir: str | Path, *, resolution: int,
         "num_ref_available": ref[0],
         "num_train": n_train,
         "num_ref": n_ref,
-        "sha256": {"train.npy": sha256_file(out_dir / "train.npy"), "ref.npy": sha256_file(out_dir / "ref.npy")},
+        "sha256": sha,
         "skipped": skips.items,
     }
+    if captions:
+        manifest["captions"] = {"train.meta.npz": len(texts["train"]), "ref.meta.npz": len(texts["ref"])}
     write_json(out_dir / "manifest.json", manifest)
     return manifest
