@@ -24,19 +24,26 @@ def command(script: str, args: list[str], num_processes: int) -> list[str]:
             "--mixed_precision", "no", "--dynamo_backend", "no", script, *args]
 
 
+def num_processes(args: list[str]) -> int:
+    """runtime.num_processes of the stage's parameters (the `t2i:` section for a --t2i stage)."""
+    from deme.config import load_config
+
+    params = args[args.index("--params") + 1] if "--params" in args[:-1] else "params.yaml"
+    return load_config(params, "t2i" if "--t2i" in args else None).runtime.num_processes
+
+
 def main(argv: list[str] | None = None) -> int:
-    from deme.config import ConfigError, load_config
+    from deme.config import ConfigError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
     script, args = argv[0], argv[1:]
-    params = args[args.index("--params") + 1] if "--params" in args[:-1] else "params.yaml"
     try:
-        n = load_config(params).runtime.num_processes
+        n = num_processes(args)
     except ConfigError as e:
-        print(f"error: {params}: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     cmd = command(script, args, n)
     if n > 1:

@@ -403,6 +403,20 @@ def sample_prompts(unet: nn.Module, comps: Components, prompts: Sequence[str], s
     return out
 
 
+BENCH_SEED_BLOCK = 1_000_000  # prompts per benchmark within the evaluation's seed space
+
+
+def bench_seeds(bench: str, n: int, base: int = 0) -> range:
+    """Per-prompt seeds of one benchmark: disjoint blocks of the ``eval`` seed space (so never the merge
+    search's), one seed per prompt index, the same for every model."""
+    from deme.io import sample_seeds
+
+    k = ("coco", "imagenet", "parti").index(bench)
+    if n > BENCH_SEED_BLOCK:
+        raise ValueError(f"{bench}: {n} prompts exceed the seed block of a benchmark ({BENCH_SEED_BLOCK})")
+    return sample_seeds("eval", (k + 1) * BENCH_SEED_BLOCK, base)[k * BENCH_SEED_BLOCK:k * BENCH_SEED_BLOCK + n]
+
+
 def load_prompt_set(paths, bench: str) -> dict:
     from deme.models import CheckpointError
 

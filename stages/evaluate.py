@@ -60,13 +60,13 @@ def evaluate_t2i(ctx):
     import numpy as np
 
     from deme.evaluation import describe, feature_spaces
-    from deme.io import sample_seeds, write_json
+    from deme.io import write_json
     from deme.metrics.clip import load_clip
     from deme.metrics.fid import Stats, fid_of_features
     from deme.models import count_parameters
     from deme.paths import Paths
     from deme.sample import save_grid
-    from deme.text2image import load_components, load_prompt_set, sample_prompts
+    from deme.text2image import bench_seeds, load_components, load_prompt_set, sample_prompts
 
     cfg, name, paths = ctx.cfg, ctx.args.model, Paths(ctx.cfg.profile)
     models = load(name, cfg, paths)
@@ -81,7 +81,7 @@ def evaluate_t2i(ctx):
         scores = {}
         for bench, has_fid in BENCHMARKS.items():
             prompts = sets[bench]["prompts"]
-            seeds = sample_seeds(f"eval-{bench}", len(prompts), cfg.seed)
+            seeds = bench_seeds(bench, len(prompts), cfg.seed)
             keep = cfg.sample.grid_size if bench == "coco" else cfg.benchmarks.grid_prompts if bench == "parti" else 0
             t0 = time.perf_counter()
             res = sample_prompts(model, comps, prompts, seeds, cfg, ctx.device, spaces if has_fid else None, clip,

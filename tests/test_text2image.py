@@ -296,3 +296,27 @@ def test_pretrain_stage_imports_the_pipeline_and_components_reload(tmp_path, mon
     from diffusers import StableDiffusionPipeline
 
     StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
+
+
+def test_launcher_reads_the_t2i_sections_process_count(tmp_path):
+    import yaml
+
+    from deme.launch import num_processes
+
+    p = tmp_path / "p.yaml"
+    p.write_text(yaml.safe_dump({"profile": "micro", "runtime": {"num_processes": 3},
+                                 "t2i": {"profile": "micro_t2i", "runtime": {"num_processes": 2}}}))
+    assert num_processes(["--params", str(p), "--interval", "1"]) == 3
+    assert num_processes(["--t2i", "--params", str(p), "--interval", "1"]) == 2
+
+
+def test_benchmark_seeds_are_disjoint_and_never_the_searchs():
+    from deme.io import sample_seeds
+    from deme.text2image import bench_seeds
+
+    sets = [set(bench_seeds(b, 5000, 3)) for b in ("coco", "imagenet", "parti")]
+    assert all(len(s) == 5000 for s in sets)
+    assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+    search = set(sample_seeds("search", 5000, 3))
+    assert not any(s & search for s in sets)
+    assert list(bench_seeds("coco", 3, 3)) == list(bench_seeds("coco", 10, 3))[:3]  # a prefix: counts can grow
