@@ -27,13 +27,13 @@ def _run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.fixture(scope="module")
-def micro_repo(tmp_path_factory):
-    work = tmp_path_factory.mktemp("pipeline")
-    for name in ("dvc.yaml", "pyproject.toml", ".dvcignore", ".gitignore"):
-        shutil.copy(REPO / name, work / name)
-    for name in ("deme", "stages"):
-        shutil.copytree(REPO / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
+def _make_repo(tmp_path_factory, name: str) -> tuple[Path, dict]:
+    """A git repository with the suite's code and a params.yaml of the micro and micro_t2i profiles."""
+    work = tmp_path_factory.mktemp(name)
+    for f in ("dvc.yaml", "pyproject.toml", ".dvcignore", ".gitignore"):
+        shutil.copy(REPO / f, work / f)
+    for d in ("deme", "stages"):
+        shutil.copytree(REPO / d, work / d, ignore=shutil.ignore_patterns("__pycache__"))
     (work / ".dvc").mkdir()
     shutil.copy(REPO / ".dvc" / "config", work / ".dvc" / "config")
     env = dict(os.environ)
@@ -46,8 +46,39 @@ def micro_repo(tmp_path_factory):
     for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "ci@example.com"],
                 ["git", "config", "user.name", "ci"], ["git", "add", "-A"], ["git", "commit", "-qm", "micro"]):
         _run(cmd, work, env)
-    first = _run([sys.executable, "-m", "dvc", "repro"], work, env)
-    return work, env, first
+    return work, env
+
+
+@pytest.fixture(scope="module")
+def repos(tmp_path_factory):
+    """The image pipeline (`dvc repro report`, profile micro) and the text-to-image pipeline (`dvc repro
+    t2i_report`, profile micro_t2i), each in its own repository, reproduced at the same time on one core each
+    (the two pipelines share no stage)."""
+    made = {"image": (_make_repo(tmp_path_factory, "pipeline"), "report"),
+            "t2i": (_make_repo(tmp_path_factory, "pipeline_t2i"), "t2i_report")}
+    procs = {}
+    for key, ((work, env), target) in made.items():
+        one_core = {**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        procs[key] = subprocess.Popen([sys.executable, "-m", "dvc", "repro", target], cwd=work, env=one_core,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = {}
+    for key, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=1500)
+        if proc.returncode != 0:
+            raise AssertionError(f"dvc repro ({key}) failed ({proc.returncode}):\n{stdout[-4000:]}\n{stderr[-4000:]}")
+        (work, env), _ = made[key]
+        out[key] = (work, env, subprocess.CompletedProcess(proc.args, 0, stdout, stderr))
+    return out
+
+
+@pytest.fixture(scope="module")
+def micro_repo(repos):
+    return repos["image"]
+
+
+@pytest.fixture(scope="module")
+def t2i_repo(repos):
+    return repos["t2i"]
 
 
 def _runs(work: Path, profile: str = "micro") -> list:
@@ -83,10 +114,11 @@ T2I_MODELS = ("pretrained", "plain", "ensemble", "merged", "min_snr", "p2", "snr
               "ant_nash", "difftuning")
 
 
-def test_text_to_image_pipeline_writes_table2(micro_repo):
+def test_text_to_image_pipeline_writes_table2(t2i_repo):
     """The t2i stages ran for micro_t2i: every model evaluated on the three benchmarks with FID and CLIP,
-    the report holds a measured Table 2 and the prompt-by-model grid, one MLflow run per stage."""
-    work, _, _ = micro_repo
+    the t2i report holds a measured Table 2 and the prompt-by-model grid, one MLflow run per stage, and a
+    second `dvc repro t2i_report` does nothing."""
+    work, env, _ = t2i_repo
     for model in T2I_MODELS:
         m = json.loads((work / "metrics/micro_t2i/evaluate" / f"{model}.json").read_text())
         for key in ("coco_fid", "imagenet_fid", "coco_clip", "imagenet_clip", "parti_clip"):
@@ -97,18 +129,21 @@ def test_text_to_image_pipeline_writes_table2(micro_repo):
     assert 0 <= clip["ranking_accuracy"] <= 1
     assert (work / "latents/micro_t2i/latents.npy").exists()
     assert (work / "models/micro_t2i/pretrained/model_index.json").exists()
-    report = (work / "reports/micro/report.md").read_text()
+    report = (work / "reports/micro_t2i/report.md").read_text()
     assert "Table 2" in report and "micro_t2i COCO FID↓ (ours)" in report and "COCO FID (paper)" in report
     merged = json.loads((work / "metrics/micro_t2i/evaluate/merged.json").read_text())
     assert f"{merged['coco_fid']:.2f}" in report
-    assert (work / "reports/micro/prompt_grid_micro_t2i.png").stat().st_size > 0
+    assert f"{clip['ranking_accuracy']:.4f}" in report
+    assert (work / "reports/micro_t2i/prompt_grid.png").stat().st_size > 0
     runs = _runs(work, "micro_t2i")
     names = sorted(r.info.run_name for r in runs)
     single = ["plain", "min_snr", "p2", "snr_plus_one", "trunc_snr", "ant_uw", "ant_nash", "difftuning"]
     assert names == sorted(["prepare", "featnet", "clip", "fid_ref", "pretrain", "latents", "finetune@interval-1",
-                            "finetune@interval-2", "merge"] + [f"finetune@{m}" for m in single]
+                            "finetune@interval-2", "merge", "report"] + [f"finetune@{m}" for m in single]
                            + [f"evaluate@{m}" for m in T2I_MODELS])
     assert all(r.data.tags["task"] == "t2i" and r.info.status == "FINISHED" for r in runs)
+    again = _run([sys.executable, "-m", "dvc", "repro", "t2i_report"], work, env)
+    assert "Running stage" not in again.stdout
 
 
 def test_one_mlflow_run_per_stage_with_tags(micro_repo):
@@ -135,13 +170,13 @@ def test_one_mlflow_run_per_stage_with_tags(micro_repo):
 def test_second_repro_does_nothing(micro_repo):
     work, env, _ = micro_repo
     before = len(_runs(work))
-    out = _run([sys.executable, "-m", "dvc", "repro"], work, env)
+    out = _run([sys.executable, "-m", "dvc", "repro", "report"], work, env)
     assert "Running stage" not in out.stdout
     assert len(_runs(work)) == before
 
 
 def _stale(work: Path, env: dict) -> set[str]:
-    out = _run([sys.executable, "-m", "dvc", "status", "--json"], work, env)
+    out = _run([sys.executable, "-m", "dvc", "status", "--json", "report", "--with-deps"], work, env)
     return set(json.loads(out.stdout or "{}"))
 
 
@@ -164,7 +199,7 @@ def test_exp_run_of_one_baseline_hparam_reruns_only_that_baseline(micro_repo):
     work, env, _ = micro_repo
     _run(["git", "add", "-A"], work, env)
     _run(["git", "commit", "-qm", "outputs"], work, env)
-    out = _run([sys.executable, "-m", "dvc", "exp", "run", "-S", "baselines.p2.gamma=2.0"], work, env)
+    out = _run([sys.executable, "-m", "dvc", "exp", "run", "report", "-S", "baselines.p2.gamma=2.0"], work, env)
     ran = {line.split("'")[1] for line in out.stdout.splitlines() if line.startswith("Running stage")}
     assert ran == {"finetune_baseline@p2", "evaluate@p2", "report"}
     show = _run([sys.executable, "-m", "dvc", "exp", "show", "--json"], work, env)
