@@ -160,12 +160,13 @@ def _tiny_t2i() -> dict:
     q.update(profile="tiny_t2i", task="t2i")
     del q["model"]["unet"]  # the UNet2DConditionModel is pipeline.unet
     q["schedule"] = dict(_SD_SCHEDULE)
-    q["pretrain"].update(iterations=1000, batch_size=64, lr=1e-3)
-    q["finetune"].update(iterations=25, batch_size=32, log_every=5, ckpt_every=25)
+    q["pretrain"].update(iterations=800, batch_size=64, lr=1e-3)
+    q["featnet"].update(iterations=400)
+    q["finetune"].update(iterations=25, batch_size=32, log_every=25, ckpt_every=25)
     q["deme"]["p"] = 0.3  # the SD setting (PAPER.md §1.6)
     q["baselines"]["difftuning"].update(variant="kd")  # no prompt-conditioned retention buffer: §6.3's KD form
-    q["merge"].update(proxy_samples=128)
-    q["sample"].update(sampler="pndm", steps=25, eta=0.0, batch_size=256, num_samples=256, grid_size=64)
+    q["merge"].update(proxy_samples=96)
+    q["sample"].update(sampler="pndm", steps=20, eta=0.0, batch_size=256, num_samples=256, grid_size=64)
     q["pipeline"] = {
         "unet": {"block_out_channels": [32, 64], "layers_per_block": 1,
                  "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
@@ -181,10 +182,10 @@ def _tiny_t2i() -> dict:
                  "context_length": 16, "iterations": 200, "train_batch_size": 128, "lr": 1e-3}
     # stand-ins: COCO = held-out captions (FID vs the held-out images), ImageNet = shape x colour class names in
     # a fixed template (FID vs the held-out images), PartiPrompts = compositional rephrasings (CLIP only)
-    q["benchmarks"] = {"coco_prompts": "", "coco_images": "", "coco_count": 200, "coco_proxy_prompts": "",
+    q["benchmarks"] = {"coco_prompts": "", "coco_images": "", "coco_count": 160, "coco_proxy_prompts": "",
                        "imagenet_classes": "",
-                       "imagenet_template": "a {} on a black background", "imagenet_per_class": 3,
-                       "imagenet_images": "", "parti_prompts": "", "parti_count": 64, "fid_resolution": 16,
+                       "imagenet_template": "a {} on a black background", "imagenet_per_class": 2,
+                       "imagenet_images": "", "parti_prompts": "", "parti_count": 48, "fid_resolution": 16,
                        "reference_samples": 0, "grid_prompts": 8}
     return q
 
