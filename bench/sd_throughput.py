@@ -138,8 +138,10 @@ def main(argv=None) -> int:
            "train_img_s_plain": plain, "train_img_s_deme": deme, "deme_step_overhead": plain / deme,
            "sample_img_s": sample, "sampler": f"{cfg.sample.scheduler_class}-{args.sample_steps}",
            "guidance_scale": cfg.pipeline.guidance_scale, "coco30k_generation_min": 30_000 / sample / 60}
+    from deme.text2image import latent_shape
+
     print(f"\n{args.profile} on {gpu} ({args.precision}, micro-batch {args.batch}, latents "
-          f"{cfg.data.resolution // 8 if args.profile == 'sd14' else '?'}^2):")
+          f"{'x'.join(map(str, latent_shape(cfg, comps)))}):")
     print("| quantity | value |\n|---|---|")
     print(f"| training img/s, plain objective | {plain:.2f} |")
     print(f"| training img/s, DeMe objective (PS + consistency + projection) | {deme:.2f} |")
