@@ -72,6 +72,27 @@ class DataConfig:
         _choice(f"{k}.on_corrupt", self.on_corrupt, ("skip", "fail"))
 
 
+def _validate_blocks(unet, k: str, down: tuple[str, ...], up: tuple[str, ...]) -> None:
+    """The block lists of a diffusers UNet config: one down and one up type per block_out_channels entry."""
+    n = len(unet.block_out_channels)
+    _check(f"{k}.block_out_channels", n >= 1 and all(c > 0 for c in unet.block_out_channels),
+           "must be a non-empty list of positive ints")
+    for name, allowed in (("down_block_types", down), ("up_block_types", up)):
+        _check(f"{k}.{name}", len(getattr(unet, name)) == n, f"needs one entry per block_out_channels entry ({n})")
+        for i, t in enumerate(getattr(unet, name)):
+            _choice(f"{k}.{name}[{i}]", t, allowed)
+    _check(f"{k}.norm_num_groups", all(c % unet.norm_num_groups == 0 for c in unet.block_out_channels),
+           f"must divide every block_out_channels entry, got {unet.norm_num_groups}")
+    _check(f"{k}.layers_per_block", unet.layers_per_block >= 1, "must be >= 1")
+
+
+def _unet_kwargs(unet) -> dict:
+    d = dataclasses.asdict(unet)
+    for name in ("block_out_channels", "down_block_types", "up_block_types"):
+        d[name] = tuple(d[name])
+    return d
+
+
 UNET_DOWN = ("DownBlock2D", "AttnDownBlock2D")
 UNET_UP = ("UpBlock2D", "AttnUpBlock2D")
 
@@ -95,27 +116,14 @@ class UNetConfig:
     dropout: float = 0.0
 
     def validate(self, k: str) -> None:
-        n = len(self.block_out_channels)
-        _check(f"{k}.block_out_channels", n >= 1 and all(c > 0 for c in self.block_out_channels),
-               "must be a non-empty list of positive ints")
-        for name, allowed in (("down_block_types", UNET_DOWN), ("up_block_types", UNET_UP)):
-            _check(f"{k}.{name}", len(getattr(self, name)) == n,
-                   f"needs one entry per block_out_channels entry ({n})")
-            for i, t in enumerate(getattr(self, name)):
-                _choice(f"{k}.{name}[{i}]", t, allowed)
-        _check(f"{k}.norm_num_groups", all(c % self.norm_num_groups == 0 for c in self.block_out_channels),
-               f"must divide every block_out_channels entry, got {self.norm_num_groups}")
-        _check(f"{k}.layers_per_block", self.layers_per_block >= 1, "must be >= 1")
+        _validate_blocks(self, k, UNET_DOWN, UNET_UP)
         _check(f"{k}.norm_eps", self.norm_eps > 0, "must be > 0")
         _check(f"{k}.downsample_padding", self.downsample_padding in (0, 1), "must be 0 or 1")
         _check(f"{k}.dropout", 0 <= self.dropout < 1, "must be in [0, 1)")
 
     def kwargs(self) -> dict:
         """Keyword arguments of diffusers.UNet2DModel (without sample_size and channels)."""
-        d = dataclasses.asdict(self)
-        for name in ("block_out_channels", "down_block_types", "up_block_types"):
-            d[name] = tuple(d[name])
-        return d
+        return _unet_kwargs(self)
 
 
 @dataclass(frozen=True)
@@ -457,26 +465,13 @@ class CondUNetConfig:
     norm_num_groups: int = 8
 
     def validate(self, k: str) -> None:
-        n = len(self.block_out_channels)
-        _check(f"{k}.block_out_channels", n >= 1 and all(c > 0 for c in self.block_out_channels),
-               "must be a non-empty list of positive ints")
-        for name, allowed in (("down_block_types", COND_DOWN), ("up_block_types", COND_UP)):
-            _check(f"{k}.{name}", len(getattr(self, name)) == n,
-                   f"needs one entry per block_out_channels entry ({n})")
-            for i, t in enumerate(getattr(self, name)):
-                _choice(f"{k}.{name}[{i}]", t, allowed)
-        _check(f"{k}.norm_num_groups", all(c % self.norm_num_groups == 0 for c in self.block_out_channels),
-               f"must divide every block_out_channels entry, got {self.norm_num_groups}")
-        _check(f"{k}.layers_per_block", self.layers_per_block >= 1, "must be >= 1")
+        _validate_blocks(self, k, COND_DOWN, COND_UP)
         _check(f"{k}.cross_attention_dim", self.cross_attention_dim >= 1, "must be >= 1")
         _check(f"{k}.attention_head_dim", self.attention_head_dim >= 1, "must be >= 1")
 
     def kwargs(self) -> dict:
         """Keyword arguments of diffusers.UNet2DConditionModel (without sample_size and channels)."""
-        d = dataclasses.asdict(self)
-        for name in ("block_out_channels", "down_block_types", "up_block_types"):
-            d[name] = tuple(d[name])
-        return d
+        return _unet_kwargs(self)
 
 
 @dataclass(frozen=True)

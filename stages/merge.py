@@ -101,13 +101,12 @@ def body(ctx):
         ctx.run.log_metrics({"proxy_fid": fid}, step=order[0])
         print(f"  candidate {order[0]:3d} {phase:8s} w=({', '.join(f'{x:.3f}' for x in w)})  proxy FID {fid:.4f}")
 
-    def score(w):
+    def image_score(w):
         # every process scores its share of the samples and gets the same FID, so all take the same path
         return fid_of_model(merged_model(base, vectors, w), seeds, cfg, spaces, refs, ctx.device,
                             desc="merge candidate")
 
-    if cfg.task == "t2i":
-        score = t2i_scorer(ctx, base, vectors, spaces)
+    score = t2i_scorer(ctx, base, vectors, spaces) if cfg.task == "t2i" else image_score
 
     t0 = time.perf_counter()
     scorer = Scorer(score, cache, on_new)

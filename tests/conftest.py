@@ -16,6 +16,24 @@ if str(ROOT) not in sys.path:  # the package is used from the checkout, not inst
 torch.set_num_threads(1)
 
 
+@pytest.fixture
+def no_network(monkeypatch):
+    """Records every host name lookup and refuses it (no retry back-off sleeps): offline loaders must not
+    try the network."""
+    import socket
+    import time
+
+    lookups = []
+
+    def refuse(host, *args, **kwargs):
+        lookups.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, f"network disabled in this test ({host})")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    return lookups
+
+
 def make_tiny_unet(sample_size: int = 8, seed: int = 0):
     from diffusers import UNet2DModel
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import runpy
-import socket
 import sys
 import time
 from pathlib import Path
@@ -39,19 +38,6 @@ VITG_REPO = "laion/CLIP-ViT-g-14-laion2B-s34B-b88K"
 
 def t2i_cfg(profile: str = "micro_t2i", **clip):
     return config_from_mapping({"t2i": {"profile": profile, "clip": clip}}, "t2i")
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Records every host name lookup and refuses it."""
-    lookups = []
-
-    def refuse(host, *args, **kwargs):
-        lookups.append(host)
-        raise socket.gaierror(socket.EAI_NONAME, f"network disabled in this test ({host})")
-
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    return lookups
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ import hashlib
 import json
 import pickle
 import runpy
-import socket
 import sys
 import time
 from pathlib import Path
@@ -184,20 +183,6 @@ def fake_hub(tmp_path, monkeypatch):
     (repo / "refs" / "main").write_text(COMMIT)
     offline_hub(monkeypatch, cache)
     return cache, model
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Records every host name lookup and refuses it; no retry back-off sleeps."""
-    lookups = []
-
-    def refuse(host, *args, **kwargs):
-        lookups.append(host)
-        raise socket.gaierror(socket.EAI_NONAME, f"network disabled in this test ({host})")
-
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setattr(time, "sleep", lambda s: None)
-    return lookups
 
 
 def test_fetch_checkpoint_loads_the_cached_weights(fake_hub, no_network):

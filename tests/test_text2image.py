@@ -4,7 +4,6 @@ classifier-free guidance with the ensemble, the latent stream."""
 from __future__ import annotations
 
 import json
-import socket
 import time
 from pathlib import Path
 
@@ -198,14 +197,7 @@ def hub_cfg(**model):
         "source": "hub", "pretrained_id": "CompVis/stable-diffusion-v1-4", **model}}}, "t2i"), cfg
 
 
-@pytest.fixture
-def offline(monkeypatch):
-    def refuse(*a, **k):
-        raise OSError("network refused by the test")
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-
-
-def test_sd14_pipeline_loads_from_the_hub_cache(tmp_path, monkeypatch, comps, offline):
+def test_sd14_pipeline_loads_from_the_hub_cache(tmp_path, monkeypatch, comps, no_network):
     from huggingface_hub import constants
 
     from deme.text2image import check_cond_architecture, fetch_pipeline
@@ -230,7 +222,7 @@ def test_sd14_pipeline_loads_from_the_hub_cache(tmp_path, monkeypatch, comps, of
     assert type(pipe.unet).__name__ == "UNet2DConditionModel" and type(pipe.text_encoder).__name__ == "CLIPTextModel"
 
 
-def test_sd14_pipeline_from_local_path_and_architecture_check(tmp_path, comps, offline):
+def test_sd14_pipeline_from_local_path_and_architecture_check(tmp_path, comps, no_network):
     from deme.models import CheckpointError
     from deme.text2image import check_cond_architecture, fetch_pipeline
 
@@ -243,7 +235,7 @@ def test_sd14_pipeline_from_local_path_and_architecture_check(tmp_path, comps, o
         check_cond_architecture(pipe.unet, wrong)
 
 
-def test_missing_sd14_fails_fast_with_the_fetch_command(tmp_path, monkeypatch, offline):
+def test_missing_sd14_fails_fast_with_the_fetch_command(tmp_path, monkeypatch, no_network):
     from huggingface_hub import constants
 
     from deme.models import CheckpointError
@@ -263,7 +255,7 @@ def test_missing_sd14_fails_fast_with_the_fetch_command(tmp_path, monkeypatch, o
         fetch_pipeline(cfg)
 
 
-def test_pretrain_stage_imports_the_pipeline_and_components_reload(tmp_path, monkeypatch, comps, offline):
+def test_pretrain_stage_imports_the_pipeline_and_components_reload(tmp_path, monkeypatch, comps, no_network):
     """stages/pretrain.py --t2i on a hub profile: a StableDiffusionPipeline folder that load_components and
     StableDiffusionPipeline.from_pretrained read back, with the UNet finetuning starts from."""
     import yaml
