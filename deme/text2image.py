@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from deme.config import Config
+from deme.io import derive_seed
 
 # ----------------------------------------------------------------------------------------------------
 # Components
@@ -81,18 +82,12 @@ def clip_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
     vocabulary file open_clip ships, so the tiny pipeline has the real tokenizer without a download."""
     import open_clip
 
+    from open_clip.tokenizer import bytes_to_unicode
+
     bpe = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
     lines = gzip.open(bpe).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
     merges = [tuple(line.split()) for line in lines]
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):  # GPT-2 / CLIP bytes_to_unicode
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    chars = [chr(c) for c in cs]
+    chars = list(bytes_to_unicode().values())
     vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
     return {t: i for i, t in enumerate(vocab)}, merges
 
@@ -254,26 +249,23 @@ class LatentStream:
 
     def __init__(self, latents: np.ndarray, tokens: np.ndarray, empty: np.ndarray, batch_size: int, seed: int,
                  caption_dropout: float = 0.0):
-        from deme.io import derive_seed
-
         if len(latents) < batch_size:
             raise ValueError(f"batch_size {batch_size} exceeds the dataset size {len(latents)}")
         self.latents, self.tokens, self.empty = latents, tokens, torch.as_tensor(np.asarray(empty, np.int64))
         self.batch_size, self.seed, self.dropout = batch_size, seed, caption_dropout
         self.per_epoch = len(latents) // batch_size
-        self._derive = derive_seed
         self._epoch, self._perm = -1, None
 
     def __call__(self, m: int) -> tuple[torch.Tensor, torch.Tensor]:
         epoch, k = divmod(m, self.per_epoch)
         if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self._derive(self.seed, "epoch", epoch))
+            g = torch.Generator().manual_seed(derive_seed(self.seed, "epoch", epoch))
             self._epoch, self._perm = epoch, torch.randperm(len(self.latents), generator=g)
         idx = np.sort(self._perm[k * self.batch_size:(k + 1) * self.batch_size].numpy())
         x0 = torch.from_numpy(np.asarray(self.latents[idx], np.float32))
         ids = torch.from_numpy(np.asarray(self.tokens[idx], np.int64))
         if self.dropout > 0:
-            g = torch.Generator().manual_seed(self._derive(self.seed, "dropout", m))
+            g = torch.Generator().manual_seed(derive_seed(self.seed, "dropout", m))
             drop = torch.rand(len(idx), generator=g) < self.dropout
             ids[drop] = self.empty
         return x0, ids
@@ -436,7 +428,6 @@ def train_vae(cfg: Config, images: np.ndarray, seed: int, device: torch.device, 
     rule that gave SD's 0.18215, so the diffusion model sees unit-variance latents."""
     from tqdm.auto import tqdm
 
-    from deme.io import derive_seed
     from deme.train import BatchStream
 
     v = cfg.pipeline.vae

@@ -34,6 +34,18 @@ def no_network(monkeypatch):
     return lookups
 
 
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A fresh working directory for running a stage in-process, with its own MLflow database
+    (``tmp_path / 'mlflow.db'``)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("PYTHONWARNINGS", "ignore")
+    return work
+
+
 def make_tiny_unet(sample_size: int = 8, seed: int = 0):
     from diffusers import UNet2DModel
 

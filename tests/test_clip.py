@@ -286,16 +286,6 @@ def test_short_training_ranks_the_true_caption_first(capsys):
 # The stage, in-process
 # ----------------------------------------------------------------------------------------------------
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("PYTHONWARNINGS", "ignore")
-    return work
-
-
 def run_clip_stage(monkeypatch, params: dict, *extra: str) -> int:
     Path("params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.setattr(sys, "argv", ["stages/clip.py", "--params", "params.yaml", *extra])

@@ -276,6 +276,7 @@ def mlflow_db(tmp_path_factory):
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch, mlflow_db):
+    """conftest's workdir, with this module's shared MLflow database."""
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)

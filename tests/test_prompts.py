@@ -218,16 +218,6 @@ def test_standins_are_deterministic_and_pass_validation(tmp_path):
 # the prepare stage, in-process
 # ----------------------------------------------------------------------------------------------------
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("PYTHONWARNINGS", "ignore")
-    return work
-
-
 def run_prepare(monkeypatch, params: dict) -> int:
     Path("params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.setattr(sys, "argv", ["stages/prepare.py", "--params", "params.yaml", "--t2i"])

@@ -483,22 +483,21 @@ def _folder_sources(path: Path, skips: "_Skips | None" = None) -> dict[str, Sour
 # Parquet (HF datasets export: an `image` column of struct {bytes, path}, or a plain binary column)
 # ----------------------------------------------------------------------------------------------------
 
-def _parquet_column(pf, f: Path) -> str:
+def _find_column(pf, f: Path, candidates: tuple[str, ...], what: str, hint: str) -> str:
+    """The first of ``candidates`` in the parquet file's schema, or one line naming what was found."""
     names = pf.schema_arrow.names
-    for c in PARQUET_IMAGE_COLUMNS:
+    for c in candidates:
         if c in names:
             return c
-    raise DataError(f"{f}: no image column (looked for {PARQUET_IMAGE_COLUMNS}, found {names}); "
-                    f"export the dataset with an 'image' column of encoded image bytes")
+    raise DataError(f"{f}: no {what} column (looked for {candidates}, found {names}); export the dataset with {hint}")
+
+
+def _parquet_column(pf, f: Path) -> str:
+    return _find_column(pf, f, PARQUET_IMAGE_COLUMNS, "image", "an 'image' column of encoded image bytes")
 
 
 def _parquet_text_column(pf, f: Path) -> str:
-    names = pf.schema_arrow.names
-    for c in PARQUET_TEXT_COLUMNS:
-        if c in names:
-            return c
-    raise DataError(f"{f}: no caption column (looked for {PARQUET_TEXT_COLUMNS}, found {names}); "
-                    f"export the dataset with a 'text' column of captions")
+    return _find_column(pf, f, PARQUET_TEXT_COLUMNS, "caption", "a 'text' column of captions")
 
 
 def _parquet_caption(value, where: str) -> str:
