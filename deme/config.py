@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -444,6 +445,86 @@ class RuntimeConfig:
         _check(f"{k}.num_processes", 1 <= self.num_processes <= 64, "must be in [1, 64]")
 
 
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """The analysis stages of the paper's figures (PAPER.md §4): gradient conflict (Fig. 1a), channel vs
+    spatial change (Fig. 2), loss landscapes (Fig. 4, 6a), task-vector geometry (Fig. 6b, 7) and the x0
+    sequence view. Every loss is the eps-MSE on one fixed set of training images, noise and timesteps."""
+
+    samples: int = 128  # fixed evaluation images (512 for Fig. 1a in the paper)
+    batch_size: int = 128
+    gradsim_timesteps: int = 100  # evenly spaced t in [0, T) for the Fig. 1a matrix (T = every t, the paper)
+    sketch_dim: int = 4096  # random-projection sketch of each gradient (PAPER.md §4: ~2^16 at scale); 0 = exact
+    landscape_grid: int = 11  # points per axis of the Fig. 4 plane (25 or 41 at paper scale)
+    landscape_span: float = 1.0  # alpha, beta in [-span, span]
+    t_draws: int = 2  # fixed t drawn per image from each panel's range
+    plane_grid: int = 15  # points per axis of the Fig. 6a plane (31 at paper scale)
+    plane_margin: float = 0.2  # the bounding box of theta, theta_a, theta_b, merged, extended by this on each side
+    plane_pairs: str = "all"  # all pairs of interval models, or 'default' = (I_1, I_N) only
+    activation_interval: int = 0  # Fig. 2's interval model (retrained without CP); 0 = the last one, I_N
+    floor_intervals: list[int] = field(default_factory=lambda: [1])  # retrained with another seed: Fig. 7 noise floor
+    sequence_samples: int = 4  # noises of the x0 sequence view
+
+    def validate(self, k: str) -> None:
+        for name in ("samples", "batch_size", "gradsim_timesteps", "landscape_grid", "plane_grid", "t_draws",
+                     "sequence_samples"):
+            _check(f"{k}.{name}", getattr(self, name) >= 1, "must be >= 1")
+        _check(f"{k}.gradsim_timesteps", self.gradsim_timesteps >= 2, "must be >= 2 (a matrix needs two timesteps)")
+        _check(f"{k}.sketch_dim", self.sketch_dim >= 0, "must be >= 0 (0 = exact gradients)")
+        _check(f"{k}.landscape_span", self.landscape_span > 0, "must be > 0")
+        _check(f"{k}.plane_margin", self.plane_margin >= 0, "must be >= 0")
+        _choice(f"{k}.plane_pairs", self.plane_pairs, ("all", "default"))
+        _check(f"{k}.activation_interval", self.activation_interval >= 0, "must be >= 0 (0 = the last interval)")
+        _check(f"{k}.floor_intervals", all(i >= 1 for i in self.floor_intervals), "interval indices start at 1")
+
+
+SWEEP_RUN_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+@dataclass(frozen=True)
+class VariantConfig:
+    """One run of the sweep: a DeMe variant (PAPER.md §5 A1-A9, S1-S2) trained, merged and evaluated by
+    stages/sweep.py. N = 1 trains one model on all timesteps (probabilistic sampling has no effect there)."""
+
+    n: int = 4
+    probabilistic_sampling: bool = True
+    consistency_loss: bool = True
+    channel_projection: bool = True
+    p: float | None = None  # None = deme.p
+    table3: bool = False  # a row of Table 3 (evaluated with sweep.table3_steps DDIM steps)
+    fig8: bool = False  # a point of Fig. 8 (evaluated with sample.steps)
+
+    def validate(self, k: str, num_train_timesteps: int = 1000) -> None:
+        _check(f"{k}.n", 1 <= self.n <= num_train_timesteps and num_train_timesteps % self.n == 0,
+               f"must divide the number of timesteps {num_train_timesteps} (PAPER.md §1.2), got {self.n}")
+        _check(f"{k}.p", self.p is None or 0 <= self.p <= 1, f"must be in [0, 1] or null (= deme.p), got {self.p}")
+        _check(k, self.table3 or self.fig8, "a run must be in Table 3, Fig. 8 or both (table3: true / fig8: true)")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Table 3 (technique ablation) and Fig. 8 (sensitivity to N and p): the `sweep` pipeline of
+    sweeps/dvc.yaml, one stage per run (PAPER.md §3.3, §3.5, §5). A user extends the grid by adding runs."""
+
+    table3_steps: int = 100  # Table 3 samples with 100-step DDIM (PAPER.md §3.3); Fig. 8 with sample.steps
+    num_samples: int = 0  # FID samples per evaluation; 0 = sample.num_samples
+    budget: str = "total"  # total: N models share `iterations` (compute-matched) | per_model: each gets `iterations`
+    iterations: int = 0  # 0 = finetune.iterations x len(deme.intervals) (total) or finetune.iterations (per_model)
+    merge: MergeConfig = field(default_factory=MergeConfig)  # the weight search of every run with N > 1
+    runs: dict[str, VariantConfig] = field(default_factory=dict)
+
+    def validate(self, k: str, num_train_timesteps: int = 1000) -> None:
+        _check(f"{k}.table3_steps", self.table3_steps >= 1, "must be >= 1")
+        _check(f"{k}.num_samples", self.num_samples == 0 or self.num_samples >= 16, "must be 0 (= sample.num_samples) or >= 16")
+        _choice(f"{k}.budget", self.budget, ("total", "per_model"))
+        _check(f"{k}.iterations", self.iterations >= 0, "must be >= 0 (0 = the finetune budget)")
+        self.merge.validate(f"{k}.merge")
+        for name, run in self.runs.items():
+            _check(f"{k}.runs.{name}", bool(SWEEP_RUN_NAME.match(name)),
+                   "run names may hold letters, digits, '_' and '-' only (they name DVC stages and params)")
+            run.validate(f"{k}.runs.{name}", num_train_timesteps)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Text-to-image (PAPER.md §1.6 SD column, §1.9, §3.2, §8). Used by profiles whose ``task`` is ``t2i``.
 
@@ -626,6 +707,8 @@ class Config:
     pipeline: T2IConfig = field(default_factory=T2IConfig)  # t2i: components, guidance
     clip: ClipConfig = field(default_factory=ClipConfig)
     benchmarks: BenchmarksConfig = field(default_factory=BenchmarksConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def validate(self) -> None:
         from deme.profiles import PROFILES
@@ -637,7 +720,7 @@ class Config:
         _check("seed", 0 <= self.seed < 2**31, "must be in [0, 2^31)")
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
-            if f.name in ("deme", "baselines"):
+            if f.name in ("deme", "baselines", "sweep"):
                 section.validate(f.name, self.schedule.num_train_timesteps)
             elif dataclasses.is_dataclass(section):
                 section.validate(f.name)
@@ -653,6 +736,10 @@ class Config:
                    f"must equal pipeline.unet.cross_attention_dim ({self.pipeline.unet.cross_attention_dim})")
             _check("data.resolution", self.data.resolution % self.pipeline.vae.factor == 0 or self.model.source == "hub",
                    f"must be a multiple of the VAE's downsampling {self.pipeline.vae.factor}")
+        _check("analysis.activation_interval", self.analysis.activation_interval <= self.deme.n,
+               f"must be 0 (the last) or an interval in 1..{self.deme.n}")
+        _check("analysis.floor_intervals", all(i <= self.deme.n for i in self.analysis.floor_intervals),
+               f"interval indices must be in 1..{self.deme.n}")
         for name in ("ant_uw", "ant_nash"):
             k = getattr(self.baselines, name).num_tasks
             _check(f"baselines.{name}.num_tasks", k <= self.finetune.batch_size,
@@ -677,6 +764,11 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a mapping of names, got {type(value).__name__} {value!r}")
+        _, inner = typing.get_args(tp)
+        return {str(name): _convert(inner, v, f"{key}.{name}") for name, v in value.items()}
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(key, f"expected a {_type_name(tp)}, got {type(value).__name__} {value!r}")
@@ -790,8 +882,11 @@ def config_from_mapping(raw: dict, section: str | None = None) -> Config:
     allowed = [n for n, p in PROFILES.items() if p.get("task", "image") == task]
     if not isinstance(profile, str) or profile not in allowed:
         raise ConfigError(f"{prefix}profile", f"unknown {task} profile {profile!r}; allowed: {', '.join(allowed)}")
+    merged = deep_update(preset(profile), raw)
+    if isinstance(raw.get("sweep"), dict) and isinstance(raw["sweep"].get("runs"), dict):
+        merged["sweep"]["runs"] = raw["sweep"]["runs"]  # the runs listed are the runs (as dvc.yaml's foreach sees them)
     try:
-        cfg = from_dict(Config, deep_update(preset(profile), raw))
+        cfg = from_dict(Config, merged)
         cfg.validate()
     except ConfigError as e:
         raise ConfigError(prefix + e.key if e.key else "", str(e) if not e.key else str(e)[len(e.key) + 2:]) from None

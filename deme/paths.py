@@ -79,6 +79,26 @@ class Paths:
     def merged(self) -> Path:
         return self._p("models", self.profile, "merged")
 
+    def sweep_dir(self, run: str) -> Path:
+        """The interval models and the merged model of one sweep run (Table 3, Fig. 8)."""
+        return self._p("models", self.profile, "sweep", run)
+
+    def sweep_metrics(self, run: str) -> Path:
+        """One sweep run's FIDs (outside metrics/<profile>/, which the main report reads as a whole)."""
+        return self._p("sweeps", self.profile, f"{run}.json")
+
+    @property
+    def sweep_report_dir(self) -> Path:
+        return self._p("reports", f"{self.profile}_sweep")
+
+    def analysis(self, name: str) -> Path:
+        """The raw data of one analysis figure (npz), a DVC output the figure is drawn from."""
+        return self._p("analysis", self.profile, f"{name}.npz")
+
+    def figures(self, name: str) -> Path:
+        """The figures drawn from one analysis's npz (PNG and PDF of each)."""
+        return self._p("figures", self.profile, name)
+
     # metrics, curves, samples, resumable checkpoints
     def metrics(self, *name: str) -> Path:
         return self._p("metrics", self.profile, *name[:-1], f"{name[-1]}.json")

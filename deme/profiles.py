@@ -69,7 +69,46 @@ _TINY = {
     "fid": {"feature_net": "featnet", "modes": ["clean"], "reference": "ref", "builtin": "", "reference_samples": 0,
             "inception_weights": "", "batch_size": 500},
     "runtime": {"device": "auto", "num_threads": 0, "num_processes": 1, "channels_last": False, "compile": False},
+    # The analysis figures of the default models (PAPER.md §4), sized for minutes on a CPU.
+    "analysis": {"samples": 64, "batch_size": 128, "gradsim_timesteps": 100, "sketch_dim": 4096,
+                 "landscape_grid": 9, "landscape_span": 1.0, "t_draws": 2, "plane_grid": 9, "plane_margin": 0.2,
+                 "plane_pairs": "all", "activation_interval": 0, "floor_intervals": [1, 4], "sequence_samples": 4},
+    # Table 3 and Fig. 8 (sweeps/dvc.yaml). Compute-matched: every run trains 4 x finetune.iterations in total.
+    "sweep": {"table3_steps": 100, "num_samples": 400, "budget": "total", "iterations": 0,
+              "merge": {"search": "coordinate", "coarse": [0.0, 0.5, 1.0], "refine_step": 0.25, "refine_rounds": 0,
+                        "start": 1.0, "bounds": [0.0, 1.5], "proxy_samples": 96},
+              "runs": {}},
 }
+
+
+class _Row(dict):
+    """A sweep run: written on one line of params.yaml (flow style)."""
+
+
+def _runs(table3_n: int, fig8_n: list[int], fig8_p: list[float], n_ref: int = 4) -> dict:
+    """Table 3's rows (PAPER.md §3.3: the paper's five, then A6-A9 of §5 to complete the 2^3 factorial of
+    PS x CL x CP at N = table3_n) and Fig. 8's points (§4: N sweep at the default p, p sweep at N = n_ref)."""
+    def run(n, ps, cl, cp, p=None, table3=False, fig8=False):
+        return _Row(n=n, probabilistic_sampling=ps, consistency_loss=cl, channel_projection=cp, p=p,
+                    table3=table3, fig8=fig8)
+    runs = {"t3_n1": run(1, False, False, False, table3=True),  # row 1: plain finetuning on all t
+            "t3_n1_cp": run(1, False, False, True, table3=True)}
+    for ps in (False, True):
+        for cl in (False, True):
+            for cp in (False, True):
+                tag = "_".join(n for n, on in (("ps", ps), ("cl", cl), ("cp", cp)) if on) or "none"
+                full = ps and cl and cp
+                runs[f"n{table3_n}_{tag}"] = run(table3_n, ps, cl, cp, table3=True, fig8=full and table3_n in fig8_n)
+    for n in fig8_n:
+        if not (n == table3_n):
+            runs[f"n{n}"] = run(n, True, True, True, fig8=True)
+    for p in fig8_p:
+        name = f"n{n_ref}_p{round(p * 100):03d}"
+        runs[name] = run(n_ref, True, True, True, p=p, fig8=True)
+    return runs
+
+
+_TINY["sweep"]["runs"] = _runs(8, [1, 2, 4, 5, 8, 10], [0.0, 0.1, 0.2, 0.3, 0.5, 0.6, 0.8, 1.0])
 
 
 def _micro() -> dict:
@@ -86,6 +125,12 @@ def _micro() -> dict:
     p["baselines"]["ant_nash"]["update_every"] = 2
     p["merge"].update(coarse=[0.0, 1.0], refine_rounds=0, proxy_samples=32)
     p["sample"].update(steps=5, batch_size=64, num_samples=64, grid_size=16)
+    p["analysis"].update(samples=16, batch_size=16, gradsim_timesteps=5, sketch_dim=256, landscape_grid=3,
+                         t_draws=1, plane_grid=3, floor_intervals=[1], sequence_samples=2)
+    p["sweep"].update(table3_steps=6, num_samples=32, runs={k: v for k, v in _runs(2, [2], [0.0]).items()
+                                                            if k in ("t3_n1", "n2_ps_cl_cp", "n4_p000")})
+    p["sweep"]["runs"]["n2_p000"] = _Row(p["sweep"]["runs"].pop("n4_p000"), n=2)
+    p["sweep"]["merge"].update(coarse=[0.0, 1.0], proxy_samples=32)
     return p
 
 
@@ -117,6 +162,14 @@ def _ddpm(name: str, kind: str, resolution: int, ckpt: str, unet: dict, data_pat
     q["fid"].update(feature_net="inception", modes=["legacy_pytorch", "clean"], reference="train",
                     reference_samples=50_000, batch_size=250)
     q["runtime"].update(channels_last=True)
+    # PAPER.md §4 recipes at scale: 512 images with common noise for Fig. 1a (every t), 25x25 landscapes
+    q["analysis"].update(samples=512, batch_size=128, gradsim_timesteps=1000, sketch_dim=65536, landscape_grid=25,
+                         t_draws=4, plane_grid=31, floor_intervals=[1, 4], sequence_samples=8)
+    # Table 3 at N = 8 with 20K iterations per model (the paper's reading), FID-50K; Fig. 8 at DDIM-50
+    q["sweep"].update(table3_steps=100, num_samples=50_000, budget="per_model", iterations=0,
+                      runs=_runs(8, [1, 2, 4, 5, 8, 10], [0.0, 0.1, 0.2, 0.3, 0.5, 0.6, 0.8, 1.0]))
+    q["sweep"]["merge"].update(coarse=[0.0, 0.25, 0.5, 0.75, 1.0], refine_step=0.1, refine_rounds=1,
+                               proxy_samples=5000)
     return q
 
 
@@ -164,6 +217,7 @@ def _tiny_t2i() -> dict:
     q["featnet"].update(iterations=400)
     q["finetune"].update(iterations=25, batch_size=32, log_every=25, ckpt_every=25)
     q["deme"]["p"] = 0.3  # the SD setting (PAPER.md §1.6)
+    q["sweep"]["runs"] = {}  # Table 3 and Fig. 8 are DDPM studies (PAPER.md §3.3, §3.5)
     q["baselines"]["difftuning"].update(variant="kd")  # no prompt-conditioned retention buffer: §6.3's KD form
     q["merge"].update(proxy_samples=96)
     q["sample"].update(sampler="pndm", steps=20, eta=0.0, batch_size=256, num_samples=256, grid_size=64)
@@ -206,6 +260,7 @@ def _micro_t2i() -> dict:
     q["pipeline"]["text_encoder"].update(hidden_size=16, intermediate_size=32)
     q["clip"].update(embed_dim=16, width=16, layers=1, iterations=30, train_batch_size=64, batch_size=64)
     q["benchmarks"].update(coco_count=32, imagenet_per_class=1, parti_count=16, grid_prompts=4)
+    q["analysis"] = copy.deepcopy(_micro()["analysis"])
     return q
 
 
@@ -304,10 +359,11 @@ class _Dumper(yaml.SafeDumper):
 
 
 _Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
+_Dumper.add_representer(_Row, lambda d, v: d.represent_mapping("tag:yaml.org,2002:map", v.items(), flow_style=True))
 
 
 def dump_yaml(data: dict) -> str:
-    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, width=110)
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, width=160)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,12 @@
 """Stage `report`: regenerate reports/<profile>/report.md (+ PNG figures) from DVC-tracked metrics.
 
 Table 1 with our measured FIDs beside the paper's (labelled as the paper's), the merge-search result,
-the feature network and data floor, training curves and sample grids.
+the feature network and data floor, training curves, sample grids, Table 4 (measured cost of the ensemble
+and the merged model beside the paper's quoted mixture-of-experts rows), the analysis figures of the
+`analyze` stages (Fig. 1a, 2, 4, 6a, 6b, 7, the x0 sequence view) and the claims table.
+
+With --sweep: reports/<profile>_sweep/report.md, Table 3 and Fig. 8 from the sweep runs of sweeps/dvc.yaml
+and the claims table with the ablation's evidence.
 
 With --t2i: reports/<t2i profile>/report.md, Table 2 (COCO / ImageNet FID and CLIP, PartiPrompts CLIP) for
 every text-to-image profile that has been run, the CLIP model's caption-ranking accuracy, the pretrained
@@ -243,6 +248,7 @@ def body(ctx):
         lines += ["## Samples (same initial noise for every model)", ""]
         for g in grids:
             lines += [f"**{g}**", "", f"![{g}](samples_{g}.png)", ""]
+        lines += analysis_sections(cfg, tmp)
         (tmp / "report.md").write_text("\n".join(lines) + "\n")
         for f in tmp.iterdir():
             if f.suffix == ".png":
@@ -251,5 +257,129 @@ def body(ctx):
     ctx.wrote(out_dir / "report.md")
 
 
+ANALYSIS_FIGURES = [  # (analysis, figure file, heading, what it shows), PAPER.md §4
+    ("gradsim", "fig1a", "Fig. 1a: gradient conflict across timesteps",
+     "Cosine similarity of the pretrained model's eps-MSE gradients at pairs of timesteps (same images and "
+     "noise for every t), and the distribution of the off-diagonal entries over all timesteps and over the first "
+     "quarter."),
+    ("activations", "fig2", "Fig. 2: channel vs spatial activation change",
+     "Block outputs of the pretrained model and of an interval model finetuned without channel-wise projection: "
+     "channel profiles (mean over pixels), spatial profiles (mean over channels) and their normalised changes."),
+    ("landscape", "fig4", "Fig. 4: loss landscape of the pretrained model per timestep range",
+     "eps-MSE on a filter-normalised random plane through the pretrained weights (origin marked), full range and "
+     "each interval; per-panel colour scale."),
+    ("plane", "fig6a", "Fig. 6a: loss on the plane of two task vectors",
+     "Full-range eps-MSE on the plane through theta spanned by two interval models' task vectors, with theta, "
+     "theta_a, theta_b and the merged model (projected) marked."),
+    ("taskvec", "fig6b", "Fig. 6b: task-vector magnitudes per module",
+     "Distribution of |tau_i| per UNet module for every interval model (and pooled low vs high noise)."),
+    ("taskvec", "fig7", "Fig. 7: cosine similarity between task vectors",
+     "cos(tau_i, tau_j) over all parameters, beside the noise floor: the same interval trained twice with "
+     "different seeds."),
+    ("sequence", "fig_sequence", "Sequence view: x0 predictions at the end of each interval",
+     "From the same noise, the predicted x0 at the last sampling step of every interval (high to low noise) for the "
+     "pretrained, interval, ensemble and merged models (the reviewers' request, PAPER.md §4)."),
+]
+
+
+def analysis_sections(cfg, tmp):
+    """Table 4, the analysis figures (copied from figures/<profile>/) and the claims table."""
+    import shutil
+
+    from deme.paths import Paths
+    from deme.report.ablation import table4_markdown
+    from deme.report.claims import claims_markdown
+
+    paths = Paths(cfg.profile)
+    lines = ["## Table 4: cost of DeMe against mixture-of-experts methods", "",
+             f"Measured by the evaluate stage on the machine that ran it ({cfg.sample.sampler.upper()}-{cfg.sample.steps}, "
+             f"batch {cfg.sample.batch_size}, sampling and feature extraction included; the dev machine: 2 CPU cores).", "",
+             table4_markdown(Path("metrics"), cfg.profile), "",
+             "## Analysis figures (PAPER.md §4)", "",
+             "Each is drawn from the npz in analysis/<profile>/ (a DVC output); PDFs beside the PNGs in "
+             f"figures/{cfg.profile}/.", ""]
+    for name, fig, title, text in ANALYSIS_FIGURES:
+        src = paths.figures(name) / f"{fig}.png"
+        lines += [f"### {title}", "", text, ""]
+        if src.exists():
+            shutil.copy(src, tmp / f"{fig}.png")
+            lines += [f"![{title}]({fig}.png)", ""]
+        else:
+            lines += [f"_Not computed yet: `dvc repro analyze@{name}`._", ""]
+    lines += ["## The paper's claims against this suite's evidence", "",
+              "From the default pipeline only; the Table 3 claims need the sweep "
+              f"(`dvc repro sweeps/dvc.yaml`, report in reports/{cfg.profile}_sweep/).", "",
+              claims_markdown(cfg, paths), ""]
+    return lines
+
+
+def sweep_report(ctx):
+    """reports/<profile>_sweep/report.md: Table 3, Fig. 8 and the claims table with the sweep's evidence."""
+    from deme.io import atomic_dir
+    from deme.paths import Paths
+    from deme.report import ablation
+    from deme.report.claims import claims_markdown
+    from deme.report.paper import paper_numbers
+
+    cfg, paths = ctx.cfg, Paths(ctx.cfg.profile)
+    runs = ablation.load_runs(paths.sweep_metrics("x").parent)
+    pre = runs.pop("pretrained", None)
+    s3, s8 = cfg.sweep.table3_steps, cfg.sample.steps
+    out_dir = paths.sweep_report_dir
+    with atomic_dir(out_dir) as tmp:
+        fig = ablation.fig8(runs, s8, cfg.deme.n, cfg.deme.p, (pre or {}).get(f"fid_{s8}"), tmp / "fig8.png")
+        effects = ablation.main_effects(runs, s3)
+        lines = [
+            f"# DeMe Suite sweep report: profile `{cfg.profile}` (Table 3 and Fig. 8)",
+            "",
+            "Generated by `dvc repro sweeps/dvc.yaml` (stage `sweep_report`) from the sweep runs' metrics "
+            f"(sweeps/{cfg.profile}/*.json). Columns marked *(ours)* are measured; *(paper)* columns are the "
+            f"paper's numbers ({paper_numbers()['source']}), for reference only"
+            + ("; this profile's FIDs are in its own feature space, so compare directions, not values."
+               if cfg.fid.feature_net == "featnet" else "."),
+            "",
+            f"Every run: {cfg.sweep.budget} budget ({'the same iterations for every model' if cfg.sweep.budget == 'per_model' else 'one total number of iterations split over the N models, compute-matched'}), "
+            f"FID from {(pre or next(iter(runs.values()), {})).get('num_samples', '?')} samples of the evaluation seeds, merge weights by "
+            f"the `{cfg.sweep.merge.search}` search on {cfg.sweep.merge.proxy_samples} proxy samples (search seeds), "
+            "one training seed.",
+            "",
+            f"## Table 3: technique ablation (DDIM-{s3})",
+            "",
+            "N = number of intervals, PS = probabilistic timestep sampling (p = probability of a global draw), "
+            "CL = consistency loss, CP = channel-wise projection. The paper's five rows come first; the rows the "
+            "paper lacks (reviewers' requests, completing the 2^3 factorial) follow. The paper does not say "
+            "whether its N = 8 rows are ensembles or merged models, so both are given.",
+            "",
+            ablation.table3_markdown(runs, s3, pre),
+            "",
+            "Average change of the FID when a technique is switched on (over the factorial pairs that differ "
+            "only in it; negative = helps):",
+            "",
+            "| technique | Δ FID ensemble | Δ FID merged | pairs |", "|---|---|---|---|",
+            *[f"| {k} | {v['ensemble']:+.3f} | {v['merged']:+.3f} | {v['pairs']} |" for k, v in effects.items()
+              if v["pairs"]],
+            "",
+            f"## Fig. 8: sensitivity to N and p (DDIM-{s8})",
+            "",
+        ]
+        if fig:
+            lines += ["![Fig. 8](fig8.png)", ""]
+        lines += [ablation.fig8_markdown(runs, s8, cfg.deme.n, cfg.deme.p), "",
+                  "## The paper's claims against this suite's evidence", "",
+                  claims_markdown(cfg, paths, runs=runs, pretrained_sweep=pre), ""]
+        (tmp / "report.md").write_text("\n".join(lines) + "\n")
+        for f in sorted(tmp.iterdir()):
+            ctx.run.log_artifact(f, "report")
+    ctx.wrote(out_dir / "report.md")
+
+
+def main_body(ctx):
+    if ctx.args.sweep:
+        return sweep_report(ctx)
+    return body(ctx)
+
+
 if __name__ == "__main__":
-    sys.exit(run_stage("report", __doc__, body))
+    sys.exit(run_stage("report", __doc__, main_body, item=lambda a: "sweep" if a.sweep else None,
+                       add_args=lambda ap: ap.add_argument(
+        "--sweep", action="store_true", help="the sweep report (Table 3, Fig. 8, claims): reports/<profile>_sweep/")))

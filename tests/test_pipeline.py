@@ -34,6 +34,8 @@ def _make_repo(tmp_path_factory, name: str) -> tuple[Path, dict]:
         shutil.copy(REPO / f, work / f)
     for d in ("deme", "stages"):
         shutil.copytree(REPO / d, work / d, ignore=shutil.ignore_patterns("__pycache__"))
+    (work / "sweeps").mkdir()
+    shutil.copy(REPO / "sweeps" / "dvc.yaml", work / "sweeps" / "dvc.yaml")
     (work / ".dvc").mkdir()
     shutil.copy(REPO / ".dvc" / "config", work / ".dvc" / "config")
     env = dict(os.environ)
@@ -51,15 +53,15 @@ def _make_repo(tmp_path_factory, name: str) -> tuple[Path, dict]:
 
 @pytest.fixture(scope="module")
 def repos(tmp_path_factory):
-    """The image pipeline (`dvc repro report`, profile micro) and the text-to-image pipeline (`dvc repro
-    t2i_report`, profile micro_t2i), each in its own repository, reproduced at the same time on one core each
-    (the two pipelines share no stage)."""
-    made = {"image": (_make_repo(tmp_path_factory, "pipeline"), "report"),
-            "t2i": (_make_repo(tmp_path_factory, "pipeline_t2i"), "t2i_report")}
+    """The image pipeline with its sweep (`dvc repro report sweeps/dvc.yaml:sweep_report`, profile micro) and
+    the text-to-image pipeline (`dvc repro t2i_report`, profile micro_t2i), each in its own repository,
+    reproduced at the same time on one core each (the two pipelines share no stage)."""
+    made = {"image": (_make_repo(tmp_path_factory, "pipeline"), ["report", "sweeps/dvc.yaml:sweep_report"]),
+            "t2i": (_make_repo(tmp_path_factory, "pipeline_t2i"), ["t2i_report"])}
     procs = {}
-    for key, ((work, env), target) in made.items():
+    for key, ((work, env), targets) in made.items():
         one_core = {**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        procs[key] = subprocess.Popen([sys.executable, "-m", "dvc", "repro", target], cwd=work, env=one_core,
+        procs[key] = subprocess.Popen([sys.executable, "-m", "dvc", "repro", *targets], cwd=work, env=one_core,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out = {}
     for key, proc in procs.items():
@@ -151,9 +153,12 @@ def test_one_mlflow_run_per_stage_with_tags(micro_repo):
     runs = _runs(work)
     names = sorted(r.info.run_name for r in runs)
     single = ["plain", "min_snr", "p2", "snr_plus_one", "trunc_snr", "ant_uw", "ant_nash", "difftuning"]
+    analyses = ["gradsim", "activations", "landscape", "plane", "taskvec", "sequence"]
     expected = sorted(["prepare", "featnet", "fid_ref", "pretrain", "finetune@interval-1", "finetune@interval-2",
-                       "buffer", "merge", "evaluate@pretrained", "evaluate@ensemble", "evaluate@merged", "report"]
-                      + [f"finetune@{m}" for m in single] + [f"evaluate@{m}" for m in single])
+                       "buffer", "merge", "evaluate@pretrained", "evaluate@ensemble", "evaluate@merged", "report",
+                       "sweep@pretrained", "sweep@t3_n1", "sweep@n2_ps_cl_cp", "sweep@n2_p000", "report@sweep"]
+                      + [f"finetune@{m}" for m in single] + [f"evaluate@{m}" for m in single]
+                      + [f"analyze@{a}" for a in analyses])
     assert names == expected
     for r in runs:
         assert r.info.status == "FINISHED"
@@ -170,9 +175,56 @@ def test_one_mlflow_run_per_stage_with_tags(micro_repo):
 def test_second_repro_does_nothing(micro_repo):
     work, env, _ = micro_repo
     before = len(_runs(work))
-    out = _run([sys.executable, "-m", "dvc", "repro", "report"], work, env)
+    out = _run([sys.executable, "-m", "dvc", "repro", "report", "sweeps/dvc.yaml"], work, env)
     assert "Running stage" not in out.stdout
     assert len(_runs(work)) == before
+    status = _run([sys.executable, "-m", "dvc", "status", "--json"], work, env)
+    assert json.loads(status.stdout or "{}") == {}  # every pipeline of the repository, the sweep's included
+
+
+ANALYSES = {"gradsim": ["fig1a"], "activations": ["fig2"], "landscape": ["fig4"], "plane": ["fig6a"],
+            "taskvec": ["fig6b", "fig7"], "sequence": ["fig_sequence"]}
+
+
+def test_analysis_stages_write_data_figures_and_the_report_embeds_them(micro_repo):
+    import numpy as np
+
+    work, env, _ = micro_repo
+    report = (work / "reports/micro/report.md").read_text()
+    for name, figs in ANALYSES.items():
+        with np.load(work / f"analysis/micro/{name}.npz") as data:
+            assert data.files
+        for fig in figs:
+            for ext in ("png", "pdf"):
+                assert (work / f"figures/micro/{name}/{fig}.{ext}").stat().st_size > 1000
+            assert f"]({fig}.png)" in report and (work / f"reports/micro/{fig}.png").exists()
+    with np.load(work / "analysis/micro/gradsim.npz") as g:
+        S = g["S"]
+        assert S.shape == (5, 5) and np.allclose(np.diag(S), 1, atol=1e-5)
+    with np.load(work / "analysis/micro/taskvec.npz") as t:
+        assert t["cos"].shape == (2, 2) and len(t["floor"]) == 1
+    assert "Table 4" in report and "claims" in report and "images/s (measured)" in report
+    # a figure is redrawn from its npz alone
+    png = work / "figures/micro/gradsim/fig1a.png"
+    png.unlink()
+    _run([sys.executable, "stages/analyze.py", "--what", "gradsim", "--plot-only"], work, env)
+    assert png.stat().st_size > 1000
+
+
+def test_sweep_runs_table3_fig8_and_claims(micro_repo):
+    work, env, _ = micro_repo
+    runs = {p.stem: json.loads(p.read_text()) for p in (work / "sweeps/micro").glob("*.json")}
+    assert set(runs) == {"pretrained", "t3_n1", "n2_ps_cl_cp", "n2_p000"}
+    full = runs["n2_ps_cl_cp"]
+    assert full["steps"] == [5, 6] and full["n"] == 2 and len(full["weights"]) == 2  # Fig. 8 (5) and Table 3 (6)
+    assert full["iterations_per_model"] * 2 == runs["t3_n1"]["iterations_total"] == 12  # compute-matched
+    for key in ("fid_ensemble_6", "fid_merged_6", "fid_ensemble_5", "fid_merged_5"):
+        assert math.isfinite(full[key])
+    assert (work / "models/micro/sweep/n2_ps_cl_cp/merged/diffusion_pytorch_model.safetensors").exists()
+    report = (work / "reports/micro_sweep/report.md").read_text()
+    assert "Table 3" in report and "Fig. 8" in report and "(paper)" in report
+    assert f"{full['fid_merged_6']:.3f}" in report and f"{runs['pretrained']['fid_6']:.3f}" in report
+    assert "| claim (the paper's) |" in report and (work / "reports/micro_sweep/fig8.png").stat().st_size > 1000
 
 
 def _stale(work: Path, env: dict) -> set[str]:

@@ -1,0 +1,237 @@
+"""Stage `analyze@<name>`: the raw data of one of the paper's analysis figures (PAPER.md §4), then the figure.
+
+Writes analysis/<profile>/<name>.npz (the data, a DVC output) and figures/<profile>/<name>/ (PNG + PDF drawn
+from that npz alone: `--plot-only` redraws them without recomputing). Every loss is the eps-MSE on one fixed
+evaluation set: `analysis.samples` training images (seeded choice) with fixed noise.
+
+  gradsim      Fig. 1a: cosine similarity of the pretrained model's eps-MSE gradients at
+               `analysis.gradsim_timesteps` evenly spaced timesteps, same images and noise for every t;
+               random-projection sketch to `analysis.sketch_dim` dimensions (0 = exact)
+  activations  Fig. 2: channel vs spatial change of every block's output between the pretrained model and
+               the interval model `analysis.activation_interval` retrained without channel-wise projection
+  landscape    Fig. 4: the pretrained model's loss on a filter-normalised random plane, for the full range
+               and each interval
+  plane        Fig. 6a: the full-range loss on the plane of two task vectors (all pairs, or I_1 and I_N),
+               with theta, theta_a, theta_b and the merged model marked
+  taskvec      Fig. 6b and 7: per-module task-vector statistics per interval, the N x N cosine matrix
+               (overall and per module) and the seed noise floor (intervals `analysis.floor_intervals`
+               retrained with another seed)
+  sequence     the reviewers' sequence view: x0 predictions at the end of each interval for the pretrained,
+               interval, ensemble and merged models from the same noise
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from deme.cli import StageError, run_stage  # noqa: E402
+
+ANALYSES = ("gradsim", "activations", "landscape", "plane", "taskvec", "sequence")
+FIGURES = {"gradsim": ("fig1a",), "activations": ("fig2",), "landscape": ("fig4",), "plane": ("fig6a",),
+           "taskvec": ("fig6b", "fig7"), "sequence": ("fig_sequence",)}
+
+
+def add_args(ap):
+    ap.add_argument("--what", required=True, choices=ANALYSES, help="which analysis")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the figures from the saved npz only")
+
+
+def eval_set(cfg, paths):
+    """The fixed evaluation set: `analysis.samples` training images (seeded choice) and their noise."""
+    import numpy as np
+    import torch
+
+    from deme.data import load_images
+    from deme.io import derive_seed
+    from deme.train import to_model_range
+
+    images = load_images(paths.train)
+    n = min(cfg.analysis.samples, len(images))
+    g = torch.Generator().manual_seed(derive_seed(cfg.seed, "analysis", "images"))
+    idx = np.sort(torch.randperm(len(images), generator=g)[:n].numpy())
+    x0 = to_model_range(torch.from_numpy(np.ascontiguousarray(images[idx])))
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "analysis", "noise")))
+    return x0, noise
+
+
+def interval_models(cfg, paths):
+    from deme.models import load_model
+
+    missing = [str(paths.interval(i)) for i in cfg.deme.intervals if not paths.interval(i).exists()]
+    if missing:
+        raise StageError(f"{', '.join(missing)}: interval model missing; make it with: dvc repro finetune")
+    return {f"I{i}": load_model(paths.interval(i)) for i in cfg.deme.intervals}
+
+
+def base_state(cfg):
+    from deme.models import load_pretrained
+    from deme.projection import add_channel_projection
+
+    base = load_pretrained(cfg)
+    if cfg.deme.channel_projection:
+        add_channel_projection(base)
+    return base
+
+
+def merge_weights(paths):
+    from deme.models import model_meta
+
+    if not paths.merged.exists():
+        raise StageError(f"{paths.merged}: merged model missing; make it with: dvc repro merge")
+    return model_meta(paths.merged)["weights"]
+
+
+def compute(ctx, what):
+    """The npz content of one analysis and a few headline numbers for MLflow."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from deme.data import load_images
+    from deme.io import derive_seed
+    from deme.models import load_model, load_pretrained
+    from deme.paths import Paths
+    from deme.schedule import alphas_cumprod, interval_bounds
+
+    cfg, paths, a = ctx.cfg, Paths(ctx.cfg.profile), ctx.cfg.analysis
+    T, N = cfg.schedule.num_train_timesteps, cfg.deme.n
+    ab = alphas_cumprod(cfg.schedule).float()
+    seed = derive_seed(cfg.seed, "analysis", what)
+    x0, noise = eval_set(cfg, paths)
+
+    if what == "gradsim":
+        from deme.analysis.gradsim import compute_gradsim
+        from deme.report.claims import gradient_agreement
+
+        ts = np.unique(np.linspace(0, T - 1, min(a.gradsim_timesteps, T)).round().astype(int))
+        out = compute_gradsim(load_pretrained(cfg), x0, noise, ts, ab, micro_batch=a.batch_size,
+                              sketch_dim=a.sketch_dim, seed=seed, progress=True)
+        adj, far = gradient_agreement(out["S"], out["timesteps"])
+        return out, {"cos_adjacent": adj, "cos_distant": far}
+
+    if what == "activations":
+        from deme.analysis.activations import compute_activations
+        from deme.sweep import train_interval
+
+        i = a.activation_interval or N
+        nocp = dataclasses.replace(cfg, deme=dataclasses.replace(cfg.deme, channel_projection=False))
+        post = train_interval(nocp, i, load_images(paths.train), ctx.device, paths.ckpt(f"analysis-nocp-{i}"),
+                              desc=f"interval {i} without CP (Fig. 2)")
+        lo, hi = interval_bounds(i, N, T)
+        t = torch.randint(lo, hi, (len(x0),), generator=torch.Generator().manual_seed(seed))
+        out = compute_activations(load_pretrained(cfg), post, x0, noise, t, ab, micro_batch=a.batch_size, seed=seed)
+        out["interval"] = np.asarray([lo, hi])
+        return out, {"delta_channel_median": float(np.median(out["da"])),
+                     "delta_spatial_median": float(np.median(out["ds"]))}
+
+    if what == "landscape":
+        from deme.analysis.landscape import compute_landscape
+
+        ranges = [(0, T)] + [interval_bounds(i, N, T) for i in cfg.deme.intervals]
+        out = compute_landscape(load_pretrained(cfg), x0, noise, ranges, ab, grid=a.landscape_grid,
+                                span=a.landscape_span, t_draws=a.t_draws, seed=seed, micro_batch=a.batch_size,
+                                progress=True)
+        return out, {f"origin_loss_{lo}_{hi}": float(v) for (lo, hi), v in zip(ranges, out["origin_loss"])}
+
+    if what == "plane":
+        from deme.analysis.landscape import range_losses
+        from deme.analysis.taskvec import compute_planes
+
+        base = base_state(cfg)
+        models = interval_models(cfg, paths)
+        loss_fn, _ = range_losses(x0, noise, [(0, T)], ab, t_draws=a.t_draws, seed=seed, micro_batch=a.batch_size)
+        pairs = None if a.plane_pairs == "all" else [(0, N - 1)]
+        theta = {k: v.detach().clone() for k, v in base.state_dict().items()}
+        out = compute_planes(base, theta, {k: m.state_dict() for k, m in models.items()},
+                             lambda m: float(loss_fn(m)[0]), pairs=pairs, merge_weights=merge_weights(paths),
+                             grid=a.plane_grid, margin=a.plane_margin, progress=True)
+        return out, {"loss_theta": float(out["point_loss"][0, 0])}
+
+    if what == "taskvec":
+        from deme.analysis.taskvec import compute_cosines, compute_layer_stats
+        from deme.sweep import train_interval
+
+        base = base_state(cfg).state_dict()
+        models = {k: m.state_dict() for k, m in interval_models(cfg, paths).items()}
+        images = load_images(paths.train)
+        floor = {}
+        for i in a.floor_intervals:  # the same interval trained again with another seed (PAPER.md §4 Fig. 7)
+            twin = train_interval(cfg, i, images, ctx.device, paths.ckpt(f"analysis-seed2-{i}"), seed_tag=("seed", 2),
+                                  desc=f"interval {i}, second seed (Fig. 7 floor)")
+            floor[f"I{i}"] = (models[f"I{i}"], twin.state_dict())
+        bounds = [interval_bounds(i, N, T) for i in cfg.deme.intervals]
+        out = {**compute_layer_stats(base, models, bounds, T), **compute_cosines(base, models, floor)}
+        out["norms"] = np.sqrt((out["l2"] ** 2).sum(1))
+        off = out["cos"][~np.eye(N, dtype=bool)] if N > 1 else np.zeros(1)
+        return out, {"cos_offdiag_max_abs": float(np.abs(off).max()),
+                     **({"cos_seed_floor": float(np.mean(out["floor"]))} if len(out["floor"]) else {})}
+
+    if what == "sequence":
+        from deme.analysis.sequence import compute_sequence
+        from deme.io import sample_seeds
+        from deme.merge import merged_model, task_vector
+        from deme.sample import Ensemble, initial_noise
+
+        models = interval_models(cfg, paths)
+        base = base_state(cfg)
+        vectors = [task_vector(m.state_dict(), base.state_dict()) for m in models.values()]
+        named = {"pretrained": load_pretrained(cfg), **models, "ensemble": Ensemble(list(models.values()), T),
+                 "merged": merged_model(base, vectors, merge_weights(paths))}
+        z = initial_noise(sample_seeds("analysis", a.sequence_samples, cfg.seed),
+                          (3, cfg.data.resolution, cfg.data.resolution))
+        out = compute_sequence(named, z, cfg.schedule, steps=cfg.sample.steps, n_intervals=N)
+        return out, {}
+    raise StageError(f"unknown analysis {what!r}")
+
+
+def plot(what, npz, folder):
+    from deme.analysis import figures
+
+    return [getattr(figures, f)(npz, folder / f"{f}.png") for f in FIGURES[what]]
+
+
+def body(ctx):
+    import io
+    import shutil
+
+    import numpy as np
+
+    from deme.io import atomic_dir, atomic_write_bytes
+    from deme.paths import Paths
+
+    cfg, what = ctx.cfg, ctx.args.what
+    if cfg.task != "image":
+        raise StageError("the analysis stages run on image profiles (UNet2DModel); text-to-image is not wired yet")
+    paths = Paths(cfg.profile)
+    npz, folder = paths.analysis(what), paths.figures(what)
+    if not ctx.args.plot_only:
+        data, headline = compute(ctx, what)
+        if not ctx.is_main:
+            return
+        buf = io.BytesIO()
+        np.savez(buf, **data)
+        atomic_write_bytes(npz, buf.getvalue())
+        ctx.run.log_metrics(headline)
+        for k, v in headline.items():
+            ctx.note(f"{what}: {k} = {v:.4f}")
+    elif not npz.exists():
+        raise StageError(f"{npz}: no saved data; run without --plot-only first")
+    with atomic_dir(folder) as tmp:
+        pngs = plot(what, npz, tmp)
+        for f in sorted(tmp.iterdir()):
+            ctx.run.log_artifact(f, "figures")
+    if not ctx.args.plot_only:
+        for ck in (f"analysis-nocp-{cfg.analysis.activation_interval or cfg.deme.n}",
+                   *(f"analysis-seed2-{i}" for i in cfg.analysis.floor_intervals)):
+            if what in ("activations", "taskvec"):
+                shutil.rmtree(paths.ckpt(ck), ignore_errors=True)
+        ctx.wrote(npz)
+    for p in pngs:
+        ctx.wrote(folder / p.name)
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage("analyze", __doc__, body, add_args=add_args, item=lambda a: a.what,
+                       tags=lambda c, a: {"analysis": a.what},
+                       params=lambda c, a: {"analysis": c.to_dict()["analysis"], "seed": c.seed}))

@@ -1,0 +1,187 @@
+"""Table 3 / Fig. 8 sweep and the claims table: config, budgets, the factorial's main effects, the tables and
+the verdict rules, on cases whose answer is known."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+from deme.config import ConfigError, config_from_mapping
+from deme.profiles import preset
+
+
+def _cfg(**sweep):
+    raw = copy.deepcopy(preset("tiny"))
+    raw["sweep"].update(sweep)
+    return config_from_mapping(raw)
+
+
+def test_tiny_sweep_holds_table3_factorial_and_fig8_grid():
+    cfg = config_from_mapping(preset("tiny"))
+    runs = cfg.sweep.runs
+    t3 = {k: r for k, r in runs.items() if r.table3}
+    # the paper's 5 rows + A6-A9: N = 1 plain, N = 1 CP, and all 8 PS x CL x CP combinations at N = 8
+    assert len(t3) == 10
+    combos = {(r.probabilistic_sampling, r.consistency_loss, r.channel_projection) for r in t3.values() if r.n == 8}
+    assert len(combos) == 8
+    fig8_n = sorted(r.n for r in runs.values() if r.fig8 and r.p is None)
+    assert fig8_n == [1, 2, 4, 5, 8, 10]
+    fig8_p = sorted(r.p for r in runs.values() if r.fig8 and r.p is not None) + [cfg.deme.p]
+    assert sorted(fig8_p) == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0]
+    assert cfg.sweep.table3_steps == 100  # PAPER.md §3.3: 100-step DDIM
+
+
+@pytest.mark.parametrize("run, key", [
+    ({"n": 3}, "sweep.runs.bad.n"),  # 3 does not divide 1000
+    ({"n": 4, "p": 1.5}, "sweep.runs.bad.p"),
+    ({"n": 4, "table3": False, "fig8": False}, "sweep.runs.bad"),
+    ({"n": 4, "table3": True, "colour": 1}, "sweep.runs.bad.colour"),
+    ({"n": "four", "table3": True}, "sweep.runs.bad.n"),
+])
+def test_bad_sweep_runs_name_the_key(run, key):
+    with pytest.raises(ConfigError) as e:
+        _cfg(runs={"bad": {"table3": True, **run}})
+    assert e.value.key == key
+
+
+def test_run_names_must_be_dvc_safe():
+    with pytest.raises(ConfigError, match="run names may hold"):
+        _cfg(runs={"p0.1": {"n": 4, "fig8": True}})
+
+
+def test_runs_in_params_replace_the_presets_runs():
+    """params.yaml lists the runs dvc.yaml's foreach sees: the preset's other runs must not come back."""
+    cfg = config_from_mapping({"profile": "tiny", "sweep": {"runs": {"only": {"n": 2, "fig8": True}}}})
+    assert list(cfg.sweep.runs) == ["only"]
+    assert len(config_from_mapping({"profile": "tiny"}).sweep.runs) == 23
+
+
+def test_budgets():
+    from deme.sweep import iterations_per_model, variant_config
+
+    cfg = _cfg(budget="total", iterations=0)  # 4 x 100 iterations shared by the N models
+    assert [iterations_per_model(cfg, n) for n in (1, 2, 4, 8)] == [400, 200, 100, 50]
+    cfg = _cfg(budget="per_model", iterations=0)
+    assert [iterations_per_model(cfg, n) for n in (1, 8)] == [100, 100]
+    cfg = _cfg(budget="total", iterations=1000)
+    v = variant_config(cfg, cfg.sweep.runs["n8_cl"])
+    assert v.deme.intervals == list(range(1, 9)) and v.finetune.iterations == 125
+    assert not v.deme.probabilistic_sampling and v.deme.consistency_loss and not v.deme.channel_projection
+    n1 = variant_config(cfg, cfg.sweep.runs["n1"])
+    assert not n1.deme.probabilistic_sampling  # one interval is the whole range: nothing to sample globally
+    p = variant_config(cfg, cfg.sweep.runs["n4_p020"])
+    assert p.deme.p == 0.2 and variant_config(cfg, cfg.sweep.runs["n4"]).deme.p == cfg.deme.p
+
+
+def test_variant_equal_to_main_config_trains_the_main_models():
+    """The tiny n4 run has the main DeMe settings and the same per-model budget, hence the same objective and
+    seeds as the finetune stage: its models must be the main pipeline's interval models."""
+    from deme.sweep import variant_config
+
+    cfg = config_from_mapping(preset("tiny"))
+    v = variant_config(cfg, cfg.sweep.runs["n4"])
+    assert v.deme == cfg.deme and v.finetune.iterations == cfg.finetune.iterations
+
+
+def _row(n, ps, cl, cp, fid_e, fid_m, steps=100, **kw):
+    return {"n": n, "probabilistic_sampling": ps, "consistency_loss": cl, "channel_projection": cp, "p": 0.4,
+            "table3": True, "fig8": False, f"fid_ensemble_{steps}": fid_e, f"fid_merged_{steps}": fid_m,
+            "iterations_per_model": 50, "iterations_total": 50 * n, "weights": [1.0] * n, **kw}
+
+
+def _factorial(effect_ps=-1.0, effect_cl=-0.5, effect_cp=0.25, base=10.0):
+    runs = {}
+    for ps in (0, 1):
+        for cl in (0, 1):
+            for cp in (0, 1):
+                f = base + effect_ps * ps + effect_cl * cl + effect_cp * cp
+                runs[f"n8_{ps}{cl}{cp}"] = _row(8, bool(ps), bool(cl), bool(cp), f + 1, f)
+    runs["t3_n1"] = _row(1, False, False, False, 12.0, 12.0)
+    return runs
+
+
+def test_main_effects_recover_known_additive_effects():
+    from deme.report.ablation import main_effects
+
+    eff = main_effects(_factorial(), 100)
+    assert eff["PS"]["merged"] == pytest.approx(-1.0) and eff["PS"]["pairs"] == 4
+    assert eff["CL"]["merged"] == pytest.approx(-0.5) and eff["CP"]["ensemble"] == pytest.approx(0.25)
+
+
+def test_table3_puts_paper_rows_first_with_their_numbers():
+    from deme.report.ablation import table3, table3_markdown
+
+    df = table3(_factorial(), 100)
+    assert len(df) == 9
+    paper = df[df["in the paper"] == "yes"]
+    assert list(paper["FID (paper)"]) == [4.40, 4.32, 4.27, 3.87]  # N=1 plain, then N=8 PS, PS+CL, all
+    assert df.index[df["run"] == "t3_n1"][0] == 0
+    md = table3_markdown(_factorial(), 100, {"fid_100": 13.5})
+    assert "13.500" in md and "(paper)" in md and "**8.500**" in md  # best merged: PS+CL on, CP off
+
+
+def test_fig8_data_and_figure(tmp_path):
+    from deme.report.ablation import fig8, fig8_data
+
+    runs = {f"n{n}": {**_row(n, True, True, True, 10 - n / 10, 9 - n / 10, steps=50), "fig8": True, "table3": False}
+            for n in (1, 2, 4)}
+    runs["p0"] = {**_row(4, True, True, True, 9.9, 9.0, steps=50), "p": 0.0, "fig8": True, "table3": False}
+    by_n, by_p = fig8_data(runs, 50, 4, 0.4)
+    assert list(by_n["n"]) == [1, 2, 4] and list(by_p["p"]) == [0.0, 0.4]
+    png = fig8(runs, 50, 4, 0.4, 11.0, tmp_path / "fig8.png")
+    assert png.stat().st_size > 1000 and (tmp_path / "fig8.pdf").stat().st_size > 1000
+
+
+def test_compare_rule():
+    from deme.report.claims import FAILS, HOLDS, UNKNOWN, compare
+
+    assert compare(9.0, 10.0) == HOLDS and compare(11.0, 10.0) == FAILS
+    assert compare(10.0, 10.1) == UNKNOWN  # 1 % apart: under the 2 % tolerance
+    assert compare(None, 10.0) == UNKNOWN and compare(float("nan"), 1.0) == UNKNOWN
+
+
+def test_gradient_agreement_on_a_known_matrix():
+    from deme.report.claims import gradient_agreement
+
+    ts = np.arange(0, 1000, 100)
+    S = np.cos(np.abs(ts[:, None] - ts[None, :]) / 1000 * np.pi)  # 1 nearby, -1 at the far end
+    adj, far = gradient_agreement(S, ts)
+    assert adj == pytest.approx(np.cos(0.1 * np.pi)) and far < 0
+
+
+def test_claims_table_verdicts(tmp_path, monkeypatch):
+    """Synthetic metrics and analysis data whose verdicts are known."""
+    import json
+
+    from deme.paths import Paths
+    from deme.report.claims import evaluate_claims
+
+    monkeypatch.chdir(tmp_path)
+    cfg = config_from_mapping(preset("tiny"))
+    ev = tmp_path / "metrics/tiny/evaluate"
+    ev.mkdir(parents=True)
+    for k, v in {"pretrained": 10.0, "ensemble": 9.0, "merged": 8.0, "plain": 9.5}.items():
+        (ev / f"{k}.json").write_text(json.dumps({"fid": v, "training_seeds": 1}))
+    paths = Paths("tiny")
+    paths.analysis("x").parent.mkdir(parents=True)
+    cos = np.array([[1, 0.05, 0.0, -0.02], [0.05, 1, 0.1, 0], [0, 0.1, 1, 0.03], [-0.02, 0, 0.03, 1]])
+    np.savez(paths.analysis("taskvec"), cos=cos, floor=np.array([0.4]), norms=np.array([1.0, 1.5, 2.0, 3.0]),
+             intervals=np.array([[0, 250], [250, 500], [500, 750], [750, 1000]]))
+    ts = np.arange(0, 1000, 100)
+    np.savez(paths.analysis("gradsim"), S=np.cos(np.abs(ts[:, None] - ts[None, :]) / 1000 * np.pi), timesteps=ts,
+             samples=np.asarray(8))
+    rows = {r["claim"].split(" (")[0]: r for r in evaluate_claims(cfg, paths, runs=_factorial())}
+    assert rows["Decoupling helps"]["verdict"] == "holds"  # N=8 none: 11 / 10 vs N=1: 12
+    assert rows["The merged model beats the pretrained model"]["verdict"] == "holds"
+    assert rows["The merged model beats the ensemble on DDPM"]["verdict"] == "holds"
+    assert rows["Every technique"]["verdict"] == "does not hold"  # CP hurts by +0.25
+    assert rows["Task vectors are nearly orthogonal"]["verdict"] == "holds"
+    assert rows["Task vectors are larger at high noise, t in [T/2, T)"]["verdict"] == "holds"
+    assert rows["Adjacent timesteps' gradients agree, distant ones conflict"]["verdict"] == "holds"
+    agree = np.ones((10, 10))  # every gradient the same: nothing conflicts
+    np.savez(paths.analysis("gradsim"), S=agree, timesteps=ts, samples=np.asarray(8))
+    rows = {r["claim"].split(" (")[0]: r for r in evaluate_claims(cfg, paths, runs=_factorial())}
+    assert rows["Adjacent timesteps' gradients agree, distant ones conflict"]["verdict"] == "does not hold"
+    none = {r["claim"].split(" (")[0]: r for r in evaluate_claims(cfg, paths, runs={})}
+    assert none["Every technique"]["verdict"] == "not enough evidence"
