@@ -82,8 +82,9 @@ def run_stage(name: str, doc: str | None, body: Callable[[StageContext], None], 
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.params, "t2i" if args.t2i else None)
-    except ConfigError as e:
-        print(f"error: {args.params}: {e}", file=sys.stderr)
+    except ConfigError as e:  # file-level errors (missing, not YAML) already start with the file's name
+        where = "" if not e.key and str(e).startswith(f"{Path(args.params)}:") else f"{args.params}: "
+        print(f"error: {where}{e}", file=sys.stderr)
         return 2
 
     import torch

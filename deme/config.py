@@ -18,12 +18,19 @@ from pathlib import Path
 from typing import Any
 
 from ruamel.yaml import YAML, YAMLError
+from ruamel.yaml.reader import ReaderError
+
+
+def _one_line(text: str) -> str:
+    """Escape what would break a one-line message (newlines, tabs, NULs in a key or value from the file)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class ConfigError(ValueError):
     """A bad value in params.yaml. ``str(err)`` is one line naming the key."""
 
     def __init__(self, key: str, message: str):
+        key, message = _one_line(str(key)), _one_line(str(message))
         self.key = key
         super().__init__(f"{key}: {message}" if key else message)
 
@@ -82,8 +89,9 @@ def _validate_blocks(unet, k: str, down: tuple[str, ...], up: tuple[str, ...]) -
         _check(f"{k}.{name}", len(getattr(unet, name)) == n, f"needs one entry per block_out_channels entry ({n})")
         for i, t in enumerate(getattr(unet, name)):
             _choice(f"{k}.{name}[{i}]", t, allowed)
-    _check(f"{k}.norm_num_groups", all(c % unet.norm_num_groups == 0 for c in unet.block_out_channels),
-           f"must divide every block_out_channels entry, got {unet.norm_num_groups}")
+    _check(f"{k}.norm_num_groups", unet.norm_num_groups >= 1
+           and all(c % unet.norm_num_groups == 0 for c in unet.block_out_channels),
+           f"must be >= 1 and divide every block_out_channels entry, got {unet.norm_num_groups}")
     _check(f"{k}.layers_per_block", unet.layers_per_block >= 1, "must be >= 1")
 
 
@@ -574,6 +582,7 @@ class VAEConfig:
         return 2 ** (len(self.block_out_channels) - 1)
 
     def validate(self, k: str) -> None:
+        _check(f"{k}.norm_num_groups", self.norm_num_groups >= 1, f"must be >= 1, got {self.norm_num_groups}")
         _check(f"{k}.block_out_channels", len(self.block_out_channels) >= 1
                and all(c > 0 and c % self.norm_num_groups == 0 for c in self.block_out_channels),
                f"must be positive multiples of norm_num_groups ({self.norm_num_groups})")
@@ -775,15 +784,18 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         (inner,) = typing.get_args(tp)
         return [_convert(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
-        errors = []
-        for option in typing.get_args(tp):
-            if option is type(None) and value is None:
-                return None
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):  # a non-null value is not None: try the other options only
+                continue
             try:
                 return _convert(option, value, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(key, f"expected {' or '.join(map(_type_name, typing.get_args(tp)))}, got {value!r}")
+            except ConfigError:
+                pass
+        names = ["null" if o is type(None) else _type_name(o) for o in options]
+        raise ConfigError(key, f"expected {' or '.join(names)}, got {type(value).__name__} {value!r}")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -850,12 +862,34 @@ def read_params(path: str | Path = "params.yaml") -> dict:
     path = Path(path)
     if not path.exists():
         raise ConfigError("", f"{path}: file not found (run from the repository root, or pass --params)")
+    try:
+        data = path.read_bytes()
+    except OSError as e:  # a directory, no permission
+        raise ConfigError("", f"{path}: cannot read the file ({e.strerror or type(e).__name__})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        start = data.rfind(b"\n", 0, e.start) + 1
+        line, column = data.count(b"\n", 0, e.start) + 1, len(data[start:e.start].decode("utf-8", "replace")) + 1
+        raise ConfigError("", f"{path}: not UTF-8 text at line {line}, column {column} "
+                              f"(byte 0x{data[e.start]:02x}); save the file as UTF-8") from None
     try:  # YAML 1.2 (ruamel), as DVC reads and writes params: '1e-4' is a number, 'no' a string
-        raw = YAML(typ="safe", pure=True).load(path.read_text())
+        raw = YAML(typ="safe", pure=True).load(text)
+    except ReaderError as e:  # a control character (e.g. NUL) that YAML does not allow
+        line = text.count("\n", 0, e.position) + 1
+        column = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
+        char = f"U+{e.character:04X}" if isinstance(e.character, int) else repr(e.character)
+        raise ConfigError("", f"{path}: not valid YAML at line {line}, column {column}: "
+                              f"character {char} is not allowed") from None
     except YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError("", f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError("", f"{path}: not valid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise ConfigError("", f"{path}: not valid params: nested too deeply") from None
+    except (ValueError, OverflowError) as e:  # e.g. an integer literal with thousands of digits
+        raise ConfigError("", f"{path}: not valid YAML: a value cannot be converted ({e})") from None
     if raw is None:
         raise ConfigError("", f"{path}: the file is empty; it needs at least 'profile: <name>'")
     if not isinstance(raw, dict):
