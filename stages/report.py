@@ -355,9 +355,10 @@ def sweep_report(ctx):
             "Average change of the FID when a technique is switched on (over the factorial pairs that differ "
             "only in it; negative = helps):",
             "",
-            "| technique | Δ FID ensemble | Δ FID merged | pairs |", "|---|---|---|---|",
-            *[f"| {k} | {v['ensemble']:+.3f} | {v['merged']:+.3f} | {v['pairs']} |" for k, v in effects.items()
-              if v["pairs"]],
+            *(["| technique | Δ FID ensemble | Δ FID merged | pairs |", "|---|---|---|---|",
+               *[f"| {k} | {v['ensemble']:+.3f} | {v['merged']:+.3f} | {v['pairs']} |" for k, v in effects.items()
+                 if v["pairs"]]] if any(v["pairs"] for v in effects.values()) else
+              ["_No two finished Table 3 runs differ in one technique only._"]),
             "",
             f"## Fig. 8: sensitivity to N and p (DDIM-{s8})",
             "",

@@ -178,8 +178,9 @@ def test_second_repro_does_nothing(micro_repo):
     out = _run([sys.executable, "-m", "dvc", "repro", "report", "sweeps/dvc.yaml"], work, env)
     assert "Running stage" not in out.stdout
     assert len(_runs(work)) == before
-    status = _run([sys.executable, "-m", "dvc", "status", "--json"], work, env)
-    assert json.loads(status.stdout or "{}") == {}  # every pipeline of the repository, the sweep's included
+    status = _run([sys.executable, "-m", "dvc", "status", "--json", "report", "sweeps/dvc.yaml", "--with-deps"],
+                  work, env)
+    assert json.loads(status.stdout or "{}") == {}  # the image pipeline and the sweep's
 
 
 ANALYSES = {"gradsim": ["fig1a"], "activations": ["fig2"], "landscape": ["fig4"], "plane": ["fig6a"],
