@@ -26,7 +26,7 @@ def _save(fig, png_path: Path | str) -> Path:
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
-    fig.savefig(png.with_suffix(".pdf"))
+    fig.savefig(png.with_suffix(".pdf"), metadata={"CreationDate": None})  # no timestamp: same data, same file
     plt.close(fig)
     return png
 

@@ -132,7 +132,7 @@ def fig8(runs: dict[str, dict], steps: int, n_default: int, p_default: float, pr
         ax.legend(fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path.with_suffix(".pdf"))
+    fig.savefig(path.with_suffix(".pdf"), metadata={"CreationDate": None})
     return _save(fig, path)
 
 
