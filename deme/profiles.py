@@ -124,7 +124,9 @@ def _micro() -> dict:
     p["baselines"]["difftuning"].update(buffer_size=32, buffer_steps=5)
     p["baselines"]["ant_nash"]["update_every"] = 2
     p["merge"].update(coarse=[0.0, 1.0], refine_rounds=0, proxy_samples=32)
-    p["sample"].update(steps=5, batch_size=64, num_samples=64, grid_size=16)
+    # batches of 16: 4 sample batches, so a 2-process evaluation splits them 2 + 2 (tests/test_pipeline.py)
+    p["sample"].update(steps=5, batch_size=16, num_samples=64, grid_size=16)
+    p["fid"]["batch_size"] = 16
     p["analysis"].update(samples=16, batch_size=16, gradsim_timesteps=5, sketch_dim=256, landscape_grid=3,
                          t_draws=1, plane_grid=3, floor_intervals=[1], sequence_samples=2)
     p["sweep"].update(table3_steps=6, num_samples=32, runs={k: v for k, v in _runs(2, [2], [0.0]).items()

@@ -1,5 +1,6 @@
-"""The pipeline end to end: the real `dvc repro` of the micro profile (image) and the micro_t2i profile
-(text-to-image, the `t2i:` section) in a temporary git repository.
+"""The pipeline end to end: the real `dvc repro` of the micro profile (image, its analysis stages included)
+and the micro_t2i profile (text-to-image, the `t2i:` section) in temporary git repositories, then the sweep
+of sweeps/dvc.yaml (Table 3, Fig. 8) in a copy of the image repository.
 
 Checks outputs, metrics, the MLflow runs and their tags, that a second `dvc repro` does nothing, and that
 `dvc exp run -S` of a finetuning parameter reruns only what depends on it.
@@ -51,12 +52,38 @@ def _make_repo(tmp_path_factory, name: str) -> tuple[Path, dict]:
     return work, env
 
 
+# Work that needs the reproduced image pipeline but not the tests that follow runs in the background, each
+# in its own copy of the repository, on the core the foreground tests leave idle: the sweep of
+# sweeps/dvc.yaml, and the `dvc exp run` and several-seeds checks.
+BACKGROUND = {
+    "sweep": "python -m dvc repro sweeps/dvc.yaml > sweep.out 2>&1 && python -m dvc repro sweeps/dvc.yaml > again.out 2>&1",
+    "exp": ("git add -A && git commit -qm outputs && "
+            "python -m dvc exp run report -S baselines.p2.gamma=2.0 > exp_run.out 2>&1 && "
+            "python -m dvc exp show --json > exp_show.json 2>/dev/null && "
+            "python -c \"import pathlib; p = pathlib.Path('params.yaml'); "
+            "p.write_text(p.read_text().replace('  seeds: 1\\n', '  seeds: 2\\n', 1))\" && "
+            "python stages/finetune.py --method p2 > seeds.out 2>&1 && python stages/evaluate.py --model p2 >> seeds.out 2>&1 "
+            "&& python stages/report.py >> seeds.out 2>&1"),
+}
+
+
+def _start_background(work: Path, env: dict, name: str) -> tuple[Path, dict, subprocess.Popen]:
+    copy = work.with_name(f"{work.name}-{name}")
+    shutil.copytree(work, copy, symlinks=True)
+    benv = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{copy / 'mlflow.db'}", "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1"}
+    proc = subprocess.Popen(["bash", "-c", BACKGROUND[name]], cwd=copy, env=benv, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    return copy, benv, proc
+
+
 @pytest.fixture(scope="module")
 def repos(tmp_path_factory):
-    """The image pipeline with its sweep (`dvc repro report sweeps/dvc.yaml:sweep_report`, profile micro) and
-    the text-to-image pipeline (`dvc repro t2i_report`, profile micro_t2i), each in its own repository,
-    reproduced at the same time on one core each (the two pipelines share no stage)."""
-    made = {"image": (_make_repo(tmp_path_factory, "pipeline"), ["report", "sweeps/dvc.yaml:sweep_report"]),
+    """The image pipeline (`dvc repro report`, profile micro) and the text-to-image pipeline (`dvc repro
+    t2i_report`, profile micro_t2i), each in its own repository, reproduced at the same time on one core each
+    (the two pipelines share no stage); then the background jobs of BACKGROUND start on copies of the image
+    repository."""
+    made = {"image": (_make_repo(tmp_path_factory, "pipeline"), ["report"]),
             "t2i": (_make_repo(tmp_path_factory, "pipeline_t2i"), ["t2i_report"])}
     procs = {}
     for key, ((work, env), targets) in made.items():
@@ -70,7 +97,24 @@ def repos(tmp_path_factory):
             raise AssertionError(f"dvc repro ({key}) failed ({proc.returncode}):\n{stdout[-4000:]}\n{stderr[-4000:]}")
         (work, env), _ = made[key]
         out[key] = (work, env, subprocess.CompletedProcess(proc.args, 0, stdout, stderr))
-    return out
+        if key == "image":
+            out["jobs"] = {name: _start_background(work, env, name) for name in BACKGROUND}
+    yield out
+    for _, _, proc in out.get("jobs", {}).values():
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _job(repos, name: str) -> tuple[Path, dict]:
+    """Wait for a background job (once); its repository copy and environment."""
+    copy, env, proc = repos["jobs"][name]
+    if proc.returncode is None or not hasattr(proc, "output"):
+        proc.output, _ = proc.communicate(timeout=900)
+    output = proc.output
+    if proc.returncode != 0:
+        logs = "".join(f"\n--- {f.name}\n{f.read_text()[-3000:]}" for f in sorted(copy.glob("*.out")))
+        raise AssertionError(f"background job {name} failed ({proc.returncode}): {output[-2000:]}{logs}")
+    return copy, env
 
 
 @pytest.fixture(scope="module")
@@ -155,8 +199,7 @@ def test_one_mlflow_run_per_stage_with_tags(micro_repo):
     single = ["plain", "min_snr", "p2", "snr_plus_one", "trunc_snr", "ant_uw", "ant_nash", "difftuning"]
     analyses = ["gradsim", "activations", "landscape", "plane", "taskvec", "sequence"]
     expected = sorted(["prepare", "featnet", "fid_ref", "pretrain", "finetune@interval-1", "finetune@interval-2",
-                       "buffer", "merge", "evaluate@pretrained", "evaluate@ensemble", "evaluate@merged", "report",
-                       "sweep@pretrained", "sweep@t3_n1", "sweep@n2_ps_cl_cp", "sweep@n2_p000", "report@sweep"]
+                       "buffer", "merge", "evaluate@pretrained", "evaluate@ensemble", "evaluate@merged", "report"]
                       + [f"finetune@{m}" for m in single] + [f"evaluate@{m}" for m in single]
                       + [f"analyze@{a}" for a in analyses])
     assert names == expected
@@ -175,12 +218,11 @@ def test_one_mlflow_run_per_stage_with_tags(micro_repo):
 def test_second_repro_does_nothing(micro_repo):
     work, env, _ = micro_repo
     before = len(_runs(work))
-    out = _run([sys.executable, "-m", "dvc", "repro", "report", "sweeps/dvc.yaml"], work, env)
+    out = _run([sys.executable, "-m", "dvc", "repro", "report"], work, env)
     assert "Running stage" not in out.stdout
     assert len(_runs(work)) == before
-    status = _run([sys.executable, "-m", "dvc", "status", "--json", "report", "sweeps/dvc.yaml", "--with-deps"],
-                  work, env)
-    assert json.loads(status.stdout or "{}") == {}  # the image pipeline and the sweep's
+    status = _run([sys.executable, "-m", "dvc", "status", "--json", "report", "--with-deps"], work, env)
+    assert json.loads(status.stdout or "{}") == {}
 
 
 ANALYSES = {"gradsim": ["fig1a"], "activations": ["fig2"], "landscape": ["fig4"], "plane": ["fig6a"],
@@ -212,22 +254,6 @@ def test_analysis_stages_write_data_figures_and_the_report_embeds_them(micro_rep
     assert png.stat().st_size > 1000
 
 
-def test_sweep_runs_table3_fig8_and_claims(micro_repo):
-    work, env, _ = micro_repo
-    runs = {p.stem: json.loads(p.read_text()) for p in (work / "sweeps/micro").glob("*.json")}
-    assert set(runs) == {"pretrained", "t3_n1", "n2_ps_cl_cp", "n2_p000"}
-    full = runs["n2_ps_cl_cp"]
-    assert full["steps"] == [5, 6] and full["n"] == 2 and len(full["weights"]) == 2  # Fig. 8 (5) and Table 3 (6)
-    assert full["iterations_per_model"] * 2 == runs["t3_n1"]["iterations_total"] == 12  # compute-matched
-    for key in ("fid_ensemble_6", "fid_merged_6", "fid_ensemble_5", "fid_merged_5"):
-        assert math.isfinite(full[key])
-    assert (work / "models/micro/sweep/n2_ps_cl_cp/merged/diffusion_pytorch_model.safetensors").exists()
-    report = (work / "reports/micro_sweep/report.md").read_text()
-    assert "Table 3" in report and "Fig. 8" in report and "(paper)" in report
-    assert f"{full['fid_merged_6']:.3f}" in report and f"{runs['pretrained']['fid_6']:.3f}" in report
-    assert "| claim (the paper's) |" in report and (work / "reports/micro_sweep/fig8.png").stat().st_size > 1000
-
-
 def _stale(work: Path, env: dict) -> set[str]:
     out = _run([sys.executable, "-m", "dvc", "status", "--json", "report", "--with-deps"], work, env)
     return set(json.loads(out.stdout or "{}"))
@@ -248,20 +274,6 @@ def test_finetune_param_makes_exactly_its_dependents_stale(micro_repo):
     assert _stale(work, env) == set()
 
 
-def test_exp_run_of_one_baseline_hparam_reruns_only_that_baseline(micro_repo):
-    work, env, _ = micro_repo
-    _run(["git", "add", "-A"], work, env)
-    _run(["git", "commit", "-qm", "outputs"], work, env)
-    out = _run([sys.executable, "-m", "dvc", "exp", "run", "report", "-S", "baselines.p2.gamma=2.0"], work, env)
-    ran = {line.split("'")[1] for line in out.stdout.splitlines() if line.startswith("Running stage")}
-    assert ran == {"finetune_baseline@p2", "evaluate@p2", "report"}
-    show = _run([sys.executable, "-m", "dvc", "exp", "show", "--json"], work, env)
-    assert "fid" in show.stdout
-    exp_runs = [r for r in _runs(work) if r.data.tags.get("dvc_exp")]
-    assert {r.data.tags["stage"] for r in exp_runs} == {"finetune", "evaluate", "report"}
-    assert all(r.data.tags["dvc_exp"] == exp_runs[0].data.tags["dvc_exp"] for r in exp_runs)
-
-
 def _params_with(work: Path, name: str, **sections) -> Path:
     """A copy of the micro params.yaml with some keys overridden (section -> {key: value})."""
     from deme.config import deep_update, read_params
@@ -274,25 +286,24 @@ def _params_with(work: Path, name: str, **sections) -> Path:
 
 def test_two_processes_give_the_single_process_fid(micro_repo):
     """`accelerate launch --num_processes 2` on CPU (through deme.launch): the FID reference statistics and an
-    evaluation FID equal the single-process ones for the same seeds, bit for bit."""
+    evaluation FID equal the pipeline's single-process ones for the same seeds, bit for bit (micro samples and
+    extracts features in batches of 16: 4 sample batches, split 2 + 2 over the processes)."""
     import numpy as np
 
     work, env, _ = micro_repo
     saved = {p: p.read_bytes() for p in [work / "metrics/micro/evaluate/merged.json", work / "metrics/micro/fid_ref.json",
                                          *sorted((work / "stats/micro").iterdir())]}
-    results = {}
-    for n in (1, 2):  # batches of 16: 4 sample batches, split 2 + 2 over the processes
-        params = _params_with(work, f"params-{n}.yaml", runtime={"num_processes": n}, sample={"batch_size": 16},
-                              fid={"batch_size": 16})
-        out = _run([sys.executable, "-m", "deme.launch", "stages/fid_ref.py", "--params", params.name], work, env)
-        stats = np.load(work / "stats/micro/fid_ref_clean.npz")
-        _run([sys.executable, "-m", "deme.launch", "stages/evaluate.py", "--model", "merged", "--params", params.name],
-             work, env)
-        results[n] = (stats["mu"].copy(), stats["sigma"].copy(),
-                      json.loads((work / "metrics/micro/evaluate/merged.json").read_text()))
-        if n == 2:
-            assert "accelerate launch" in out.stdout or "[launch]" in out.stdout
-    (mu1, s1, m1), (mu2, s2, m2) = results[1], results[2]
+    with np.load(work / "stats/micro/fid_ref_clean.npz") as stats:
+        mu1, s1 = stats["mu"].copy(), stats["sigma"].copy()
+    m1 = json.loads((work / "metrics/micro/evaluate/merged.json").read_text())
+    params = _params_with(work, "params-2.yaml", runtime={"num_processes": 2})
+    out = _run([sys.executable, "-m", "deme.launch", "stages/fid_ref.py", "--params", params.name], work, env)
+    assert "accelerate launch" in out.stdout or "[launch]" in out.stdout
+    with np.load(work / "stats/micro/fid_ref_clean.npz") as stats:
+        mu2, s2 = stats["mu"].copy(), stats["sigma"].copy()
+    _run([sys.executable, "-m", "deme.launch", "stages/evaluate.py", "--model", "merged", "--params", params.name],
+         work, env)
+    m2 = json.loads((work / "metrics/micro/evaluate/merged.json").read_text())
     assert m2["num_processes"] == 2 and m1["num_processes"] == 1
     assert np.array_equal(mu1, mu2) and np.array_equal(s1, s2)
     assert m1["fid"] == m2["fid"], (m1["fid"], m2["fid"])
@@ -328,7 +339,7 @@ def test_killed_finetuning_resumes_to_the_uninterrupted_weights(micro_repo):
     from safetensors.torch import load_file
 
     work, env, _ = micro_repo
-    params = _params_with(work, "params-kill.yaml", finetune={"iterations": 120, "ckpt_every": 20, "log_every": 20},
+    params = _params_with(work, "params-kill.yaml", finetune={"iterations": 80, "ckpt_every": 10, "log_every": 10},
                           runtime={"num_threads": 1})
     cmd = [sys.executable, "stages/finetune.py", "--method", "plain", "--params", params.name]
     out = work / "models/micro/plain/seed-0/diffusion_pytorch_model.safetensors"
@@ -340,14 +351,14 @@ def test_killed_finetuning_resumes_to_the_uninterrupted_weights(micro_repo):
     proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if state.exists() and json.loads(state.read_text() or "{}").get("step", 0) >= 60:
+        if state.exists() and json.loads(state.read_text() or "{}").get("step", 0) >= 40:
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.05)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed; raise iterations"
     killed_at = json.loads(state.read_text())["step"]
-    assert 0 < killed_at < 240
+    assert 0 < killed_at < 160
     resumed = _run(cmd, work, env)
     assert f"resuming at step {killed_at}" in resumed.stdout
     after = load_file(str(out))
@@ -356,15 +367,47 @@ def test_killed_finetuning_resumes_to_the_uninterrupted_weights(micro_repo):
     assert not state.parent.exists(), "the checkpoint is cleared after a finished run"
 
 
-def test_several_training_seeds_give_mean_and_std(micro_repo):
-    """baselines.seeds=2: one model per seed, evaluated separately, mean ± std in the metrics and the report.
-    Runs the stage CLIs directly on the micro outputs (last test of the module: it rewrites outputs)."""
-    work, env, _ = micro_repo
-    params = work / "params.yaml"
-    params.write_text(params.read_text().replace("  seeds: 1\n", "  seeds: 2\n", 1))
-    for cmd in (["stages/finetune.py", "--method", "p2"], ["stages/evaluate.py", "--model", "p2"],
-                ["stages/report.py"]):
-        _run([sys.executable, *cmd], work, env)
+# ----------------------------------------------------------------------------------------------------
+# The background jobs (last in the module, so they have had the foreground tests' time to run).
+
+
+def test_sweep_runs_table3_fig8_and_claims(repos):
+    """`dvc repro sweeps/dvc.yaml` (the README's ablation command) on micro: every run trained, merged and
+    evaluated at its step counts, the sweep report with Table 3, Fig. 8 and the claims; a second run does nothing."""
+    work, env = _job(repos, "sweep")
+    runs = {p.stem: json.loads(p.read_text()) for p in (work / "sweeps/micro").glob("*.json")}
+    assert set(runs) == {"pretrained", "t3_n1", "n2_ps_cl_cp", "n2_p000"}
+    full = runs["n2_ps_cl_cp"]
+    assert full["steps"] == [5, 6] and full["n"] == 2 and len(full["weights"]) == 2  # Fig. 8 (5) and Table 3 (6)
+    assert full["iterations_per_model"] * 2 == runs["t3_n1"]["iterations_total"] == 12  # compute-matched
+    for key in ("fid_ensemble_6", "fid_merged_6", "fid_ensemble_5", "fid_merged_5"):
+        assert math.isfinite(full[key])
+    assert (work / "models/micro/sweep/n2_ps_cl_cp/merged/diffusion_pytorch_model.safetensors").exists()
+    report = (work / "reports/micro_sweep/report.md").read_text()
+    assert "Table 3" in report and "Fig. 8" in report and "(paper)" in report
+    assert f"{full['fid_merged_6']:.3f}" in report and f"{runs['pretrained']['fid_6']:.3f}" in report
+    assert "| claim (the paper's) |" in report and (work / "reports/micro_sweep/fig8.png").stat().st_size > 1000
+    assert "Running stage" not in (work / "again.out").read_text()
+    names = sorted(r.info.run_name for r in _runs(work) if r.data.tags["stage"] in ("sweep", "report")
+                   and r.info.run_name != "report")
+    assert names == ["report@sweep", "sweep@n2_p000", "sweep@n2_ps_cl_cp", "sweep@pretrained", "sweep@t3_n1"]
+
+
+def test_exp_run_of_one_baseline_hparam_reruns_only_that_baseline(repos):
+    work, env = _job(repos, "exp")
+    out = (work / "exp_run.out").read_text()
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert ran == {"finetune_baseline@p2", "evaluate@p2", "report"}
+    assert "fid" in (work / "exp_show.json").read_text()
+    exp_runs = [r for r in _runs(work) if r.data.tags.get("dvc_exp")]
+    assert {r.data.tags["stage"] for r in exp_runs} == {"finetune", "evaluate", "report"}
+    assert all(r.data.tags["dvc_exp"] == exp_runs[0].data.tags["dvc_exp"] for r in exp_runs)
+
+
+def test_several_training_seeds_give_mean_and_std(repos):
+    """baselines.seeds=2: one model per seed, evaluated separately, mean ± std in the metrics and the report
+    (the stage CLIs run directly on the micro outputs, in the `exp` job's copy after its experiment)."""
+    work, env = _job(repos, "exp")
     assert sorted(p.name for p in (work / "models/micro/baselines/p2").iterdir()) == ["seed-0", "seed-1"]
     m = json.loads((work / "metrics/micro/evaluate/p2.json").read_text())
     assert m["training_seeds"] == 2 and len(m["fid_seeds"]) == 2
