@@ -90,7 +90,7 @@ def compute(ctx, what):
 
     from deme.data import load_images
     from deme.io import derive_seed
-    from deme.models import load_model, load_pretrained
+    from deme.models import load_pretrained
     from deme.paths import Paths
     from deme.schedule import alphas_cumprod, interval_bounds
 
@@ -116,7 +116,7 @@ def compute(ctx, what):
 
         i = a.activation_interval or N
         nocp = dataclasses.replace(cfg, deme=dataclasses.replace(cfg.deme, channel_projection=False))
-        post = train_interval(nocp, i, load_images(paths.train), ctx.device, paths.ckpt(f"analysis-nocp-{i}"),
+        post = train_interval(nocp, i, load_images(paths.train), ctx.device, paths.ckpt(extra_models(cfg, what)[0]),
                               desc=f"interval {i} without CP (Fig. 2)")
         lo, hi = interval_bounds(i, N, T)
         t = torch.randint(lo, hi, (len(x0),), generator=torch.Generator().manual_seed(seed))
@@ -185,6 +185,15 @@ def compute(ctx, what):
     raise StageError(f"unknown analysis {what!r}")
 
 
+def extra_models(cfg, what):
+    """The .ckpt/ labels of the interval models an analysis trains itself (Fig. 2 without CP, Fig. 7's twins)."""
+    if what == "activations":
+        return [f"analysis-nocp-{cfg.analysis.activation_interval or cfg.deme.n}"]
+    if what == "taskvec":
+        return [f"analysis-seed2-{i}" for i in cfg.analysis.floor_intervals]
+    return []
+
+
 def plot(what, npz, folder):
     from deme.analysis import figures
 
@@ -222,10 +231,8 @@ def body(ctx):
         for f in sorted(tmp.iterdir()):
             ctx.run.log_artifact(f, "figures")
     if not ctx.args.plot_only:
-        for ck in (f"analysis-nocp-{cfg.analysis.activation_interval or cfg.deme.n}",
-                   *(f"analysis-seed2-{i}" for i in cfg.analysis.floor_intervals)):
-            if what in ("activations", "taskvec"):
-                shutil.rmtree(paths.ckpt(ck), ignore_errors=True)
+        for ck in extra_models(cfg, what):  # the extra models' resume state, once the data is written
+            shutil.rmtree(paths.ckpt(ck), ignore_errors=True)
         ctx.wrote(npz)
     for p in pngs:
         ctx.wrote(folder / p.name)
