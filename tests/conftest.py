@@ -34,16 +34,21 @@ def no_network(monkeypatch):
     return lookups
 
 
+def make_workdir(tmp_path, monkeypatch, mlflow_db):
+    """``tmp_path / 'work'`` as the current directory, MLflow runs going to ``mlflow_db``."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{mlflow_db}")
+    monkeypatch.setenv("PYTHONWARNINGS", "ignore")
+    return work
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     """A fresh working directory for running a stage in-process, with its own MLflow database
     (``tmp_path / 'mlflow.db'``)."""
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("PYTHONWARNINGS", "ignore")
-    return work
+    return make_workdir(tmp_path, monkeypatch, tmp_path / "mlflow.db")
 
 
 def make_tiny_unet(sample_size: int = 8, seed: int = 0):

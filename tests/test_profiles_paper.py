@@ -25,7 +25,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import randomize_
+from conftest import make_workdir, randomize_
 from deme.config import config_from_mapping, load_config
 from deme.models import (CheckpointError, build_unet, check_architecture, count_parameters, fetch_checkpoint,
                          load_model)
@@ -277,12 +277,7 @@ def mlflow_db(tmp_path_factory):
 @pytest.fixture
 def workdir(tmp_path, monkeypatch, mlflow_db):
     """conftest's workdir, with this module's shared MLflow database."""
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{mlflow_db}")
-    monkeypatch.setenv("PYTHONWARNINGS", "ignore")
-    return work
+    return make_workdir(tmp_path, monkeypatch, mlflow_db)
 
 
 def run_stage_script(stage: str, monkeypatch, params: dict | None = None) -> int:

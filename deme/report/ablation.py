@@ -3,26 +3,21 @@ mixture-of-experts methods): measured rows from the sweep's and the evaluate sta
 numbers beside them in columns labelled as the paper's (PAPER.md §3.3-3.5)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from deme.report.paper import paper_table
+from deme.report.tables import _read
 
 PAPER_DATASET = {"cifar10": "CIFAR10", "church": "LSUN-Church", "bedroom": "LSUN-Bedroom"}
 
 
 def load_runs(sweep_dir: Path) -> dict[str, dict]:
     """Every finished sweep run's metrics (sweeps/<profile>/<run>.json), keyed by run name."""
-    runs = {}
-    for f in sorted(Path(sweep_dir).glob("*.json")):
-        try:
-            runs[f.stem] = json.loads(f.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-    return runs
+    runs = {f.stem: _read(f) for f in sorted(Path(sweep_dir).glob("*.json"))}
+    return {name: m for name, m in runs.items() if m is not None}
 
 
 def _mark(on: bool) -> str:
@@ -130,10 +125,7 @@ def fig8(runs: dict[str, dict], steps: int, n_default: int, p_default: float, pr
         if x == "n" and len(df):
             ax.set_xticks(sorted(df[x].unique()))
         ax.legend(fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path.with_suffix(".pdf"), metadata={"CreationDate": None})
-    return _save(fig, path)
+    return _save(fig, path, pdf=True)
 
 
 def fig8_markdown(runs: dict[str, dict], steps: int, n_default: int, p_default: float) -> str:
@@ -159,10 +151,9 @@ def table4_markdown(metrics_dir: Path, profile: str) -> str:
     rows = []
     for key, label in (("pretrained", "Pretrained"), ("ensemble", "DeMe (Before Merge)"),
                        ("merged", "DeMe (After Merge)")):
-        f = Path(metrics_dir) / profile / "evaluate" / f"{key}.json"
-        if not f.exists():
+        m = _read(Path(metrics_dir) / profile / "evaluate" / f"{key}.json")
+        if m is None:
             continue
-        m = json.loads(f.read_text())
         models, per = m.get("models", 1), m.get("parameters_per_model", 0)
         rows.append({"Model (ours)": label, "#Models": models,
                      "#Params": f"{per / 1e6:.3f}M" + (f" × {models}" if models > 1 else ""),

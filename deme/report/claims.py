@@ -8,10 +8,11 @@ Rules (stated in the table so a reader can re-judge):
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
+
+from deme.report.tables import _read
 
 FID_TOLERANCE = 0.02  # 2 % relative: below this an FID difference is not called either way
 ORTHOGONAL = 0.2  # |cos| below this counts as "near orthogonal" (the paper's example: 0.07)
@@ -19,13 +20,6 @@ GRAD_GAP = 0.2  # adjacent minus distant mean gradient cosine above this: nearby
 CONFLICT_SHARE = 0.25  # and at least this share of the distant pairs has a negative cosine: they conflict
 
 HOLDS, FAILS, UNKNOWN = "holds", "does not hold", "not enough evidence"
-
-
-def _read(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
 
 
 def _npz(path: Path) -> dict | None:
@@ -75,7 +69,7 @@ def evaluate_claims(cfg, paths, runs: dict[str, dict] | None = None,
                     pretrained_sweep: dict | None = None) -> list[dict]:
     """Rows of the claims table for the image profile ``cfg.profile`` (``runs``: the sweep's, if run)."""
     prof = cfg.profile
-    ev = {k: _read(Path("metrics") / prof / "evaluate" / f"{k}.json") for k in ("pretrained", "ensemble", "merged", "plain")}
+    ev = {k: _read(Path("metrics") / prof / "evaluate" / f"{k}.json") or {} for k in ("pretrained", "ensemble", "merged", "plain")}
     fid = {k: v.get("fid") for k, v in ev.items()}
     seeds = max([v.get("training_seeds", 1) for v in ev.values() if v] or [1])
     runs = runs or {}

@@ -11,10 +11,13 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig, path: Path, pdf: bool = False) -> Path:
+    """Write the PNG (and with ``pdf`` the PDF of the same stem, without a timestamp: same data, same file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    if pdf:
+        fig.savefig(path.with_suffix(".pdf"), metadata={"CreationDate": None})
     plt.close(fig)
     return path
 
