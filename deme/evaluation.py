@@ -18,6 +18,7 @@ from deme.config import Config
 from deme.distributed import current, gather_batches, my_batches
 from deme.metrics.fid import FeatureSpace, Stats, batch_features, fid_of_features
 from deme.paths import Paths
+from deme.resume import Shards, batch_key
 
 
 def feature_spaces(cfg: Config, device: torch.device, headline: bool = False) -> dict[str, FeatureSpace]:
@@ -54,35 +55,68 @@ def image_shape(cfg: Config) -> tuple[int, int, int]:
 
 
 def stream_features(batches: Iterable[torch.Tensor], mine: Sequence[tuple[int, int]],
-                    spaces: dict[str, FeatureSpace], keep: int = 0,
-                    on_batch=None) -> tuple[dict[str, np.ndarray], torch.Tensor | None]:
+                    spaces: dict[str, FeatureSpace], keep: int = 0, on_batch=None,
+                    shards: Shards | None = None) -> tuple[dict[str, np.ndarray], torch.Tensor | None]:
     """Features of this process's uint8 batches (item ranges ``mine``) in every space, gathered from all
-    processes in batch order. Also returns the first ``keep`` images."""
+    processes in batch order. Also returns the first ``keep`` images.
+
+    ``shards`` (deme/resume.py): every finished batch's features are saved, and batches saved by an earlier,
+    killed run are read back instead; ``batches`` must then yield only the ranges ``todo(mine, shards)``."""
+    cached = _cached(mine, shards)
+    fresh = iter(batches)
     local = []
-    for (lo, hi), batch in zip(mine, batches):
-        kept = batch[:keep - lo] if lo < keep else None
-        local.append(({m: batch_features(batch, s) for m, s in spaces.items()}, kept))
-        if on_batch is not None:
-            on_batch(batch, lo)
+    for lo, hi in mine:
+        entry = cached.get((lo, hi))
+        if shards is not None:
+            shards.count(hi - lo, fresh=entry is None)
+        if entry is None:
+            batch = next(fresh)
+            entry = {f"features_{m}": batch_features(batch, s) for m, s in spaces.items()}
+            if lo < keep:
+                entry["kept"] = batch[:keep - lo].numpy()
+            if shards is not None:
+                shards.put(batch_key(lo, hi), entry)
+            if on_batch is not None:
+                on_batch(batch, lo)
+        kept = torch.from_numpy(entry["kept"]) if "kept" in entry else None
+        local.append(({m: entry[f"features_{m}"] for m in spaces}, kept))
+    if shards is not None:
+        shards.note(len(mine), "batches")
     everything = gather_batches(local, current())
     feats = {m: np.concatenate([f[m] for f, _ in everything]) for m in spaces}
     kept = [k for _, k in everything if k is not None]
     return feats, (torch.cat(kept) if kept else None)
 
 
+def _cached(mine: Sequence[tuple[int, int]], shards: Shards | None) -> dict[tuple[int, int], dict]:
+    if shards is None:
+        return {}
+    found = {(lo, hi): shards.get(batch_key(lo, hi)) for lo, hi in mine}
+    return {r: e for r, e in found.items() if e is not None}
+
+
+def todo(mine: Sequence[tuple[int, int]], shards: Shards | None) -> list[tuple[int, int]]:
+    """The ranges of ``mine`` that no earlier run finished (all of them without ``shards``)."""
+    if shards is None:
+        return list(mine)
+    return [(lo, hi) for lo, hi in mine if not shards.has(batch_key(lo, hi))]
+
+
 def sample_features(model: nn.Module, seeds: Sequence[int], cfg: Config, spaces: dict[str, FeatureSpace],
-                    device: torch.device, desc: str, keep: int = 0,
-                    save_dir: str | Path | None = None) -> tuple[dict[str, np.ndarray], torch.Tensor | None]:
+                    device: torch.device, desc: str, keep: int = 0, save_dir: str | Path | None = None,
+                    shards: Shards | None = None) -> tuple[dict[str, np.ndarray], torch.Tensor | None]:
     """Features of DDIM samples of ``model`` for ``seeds`` in every space; also the first ``keep`` images.
-    ``save_dir``: also write every sample as PNG (named by its index), e.g. for an external FID tool."""
+    ``save_dir``: also write every sample as PNG (named by its index), e.g. for an external FID tool.
+    ``shards``: keep finished batches, so a killed evaluation resumes (deme/resume.py)."""
     from deme.sample import generate
 
     mine = my_batches(len(seeds), cfg.sample.batch_size, current())
     if cfg.runtime.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     save = (lambda batch, lo: _save_pngs(batch, Path(save_dir), lo)) if save_dir is not None else None
-    batches = generate(model, seeds, cfg.schedule, cfg.sample, image_shape(cfg), device, desc=desc, batches=mine)
-    return stream_features(batches, mine, spaces, keep, save)
+    batches = generate(model, seeds, cfg.schedule, cfg.sample, image_shape(cfg), device, desc=desc,
+                       batches=todo(mine, shards))
+    return stream_features(batches, mine, spaces, keep, save, shards)
 
 
 def _save_pngs(batch: torch.Tensor, folder: Path, first: int) -> None:
@@ -107,12 +141,13 @@ def fid_of_model(model: nn.Module, seeds: Sequence[int], cfg: Config, spaces: di
 
 
 def array_features(images: np.ndarray, spaces: dict[str, FeatureSpace], batch_size: int,
-                   desc: str) -> dict[str, np.ndarray]:
-    """Features of uint8 [n, H, W, 3] images (a memmap is read batch by batch), split over processes."""
+                   desc: str, shards: Shards | None = None) -> dict[str, np.ndarray]:
+    """Features of uint8 [n, H, W, 3] images (a memmap is read batch by batch), split over processes;
+    ``shards``: keep finished batches (deme/resume.py)."""
     from tqdm.auto import tqdm
 
     mine = my_batches(len(images), batch_size, current())
     batches = (torch.as_tensor(np.ascontiguousarray(images[lo:hi])).permute(0, 3, 1, 2).contiguous()
-               for lo, hi in tqdm(mine, desc=desc, unit="batch", dynamic_ncols=True))
-    feats, _ = stream_features(batches, mine, spaces)
+               for lo, hi in tqdm(todo(mine, shards), desc=desc, unit="batch", dynamic_ncols=True))
+    feats, _ = stream_features(batches, mine, spaces, shards=shards)
     return feats

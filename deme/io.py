@@ -1,11 +1,13 @@
 """Small I/O helpers: atomic outputs, JSON, derived seeds, repository facts.
 
 Every stage writes to a temporary sibling path and renames at the end, so a killed stage never leaves a
-half-written output that DVC or the next stage could take for a good one.
+half-written output that DVC or the next stage could take for a good one; the next write of the same path
+deletes the temporary siblings a killed writer left.
 """
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import math
@@ -17,10 +19,18 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def remove_stale_temps(path: Path) -> None:
+    """Delete the temporary siblings a killed writer of ``path`` left behind (``.<name>.*.tmp``)."""
+    if path.parent.exists():
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to a temporary sibling, then rename over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -67,6 +77,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``path`` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp

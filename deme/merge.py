@@ -127,3 +127,11 @@ def grid_search(score: Scorer, n: int, coarse: Sequence[float], refine_step: flo
             score(w, f"refine{r + 1}")
         best, step = score.best()[0], step / 2
     return best
+
+
+def search(scorer: Scorer, n: int, merge) -> tuple[float, ...]:
+    """The coarse-to-fine weight search of ``merge`` (a MergeConfig), PAPER.md §1.8."""
+    if merge.search == "coordinate":
+        return coordinate_search(scorer, n, merge.coarse, merge.refine_step, merge.refine_rounds, merge.start,
+                                 merge.bounds)
+    return grid_search(scorer, n, merge.coarse, merge.refine_step, merge.refine_rounds, merge.bounds)

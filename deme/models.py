@@ -75,7 +75,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Modul
     cls = _model_class(config)
     meta = model_meta(path)
     if not meta.get("channel_projection"):
-        return cls.from_pretrained(path).to(device).eval()
+        try:  # safetensors only: never fall back to unpickling a .bin that happens to lie there
+            return cls.from_pretrained(path, use_safetensors=True).to(device).eval()
+        except (OSError, ValueError, RuntimeError) as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise CheckpointError(f"{path}: no readable safetensors weights ({type(e).__name__}: {reason}); "
+                                  f"rerun the stage that makes it (dvc repro)") from None
     weights = path / WEIGHTS
     if not weights.exists():
         raise CheckpointError(f"{weights}: missing weights file; rerun the stage that makes {path}")

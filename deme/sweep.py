@@ -16,7 +16,6 @@ from typing import Sequence
 from torch import nn
 
 from deme.config import Config, VariantConfig
-from deme.merge import Scorer, coordinate_search, grid_search
 
 
 def variant_config(cfg: Config, run: VariantConfig) -> Config:
@@ -86,47 +85,6 @@ def train_interval(cfg: Config, i: int, images, device, ckpt_dir: Path, *, seed_
     if current().is_main:
         save_model(model, done, cfg, fingerprint=fingerprint)
     return model
-
-
-def search(scorer: Scorer, n: int, merge) -> tuple[float, ...]:
-    """The coarse-to-fine weight search of ``merge`` (a MergeConfig), PAPER.md §1.8."""
-    if merge.search == "coordinate":
-        return coordinate_search(scorer, n, merge.coarse, merge.refine_step, merge.refine_rounds, merge.start,
-                                 merge.bounds)
-    return grid_search(scorer, n, merge.coarse, merge.refine_step, merge.refine_rounds, merge.bounds)
-
-
-class ScoreLog:
-    """Scored merge candidates appended to a JSON-lines file whose first line is a key of everything the
-    scores depend on, so a killed search resumes without rescoring and a changed setting starts afresh."""
-
-    def __init__(self, path: Path, key: str):
-        self.path, self.key = Path(path), key
-
-    def load(self) -> dict[tuple[float, ...], float]:
-        if not self.path.exists():
-            return {}
-        lines = self.path.read_text().splitlines()
-        if not lines or lines[0] != self.key:
-            return {}
-        cache = {}
-        for line in lines[1:]:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a kill: everything before it is good
-                break
-            cache[tuple(row["w"])] = row["fid"]
-        return cache
-
-    def start(self) -> None:
-        from deme.io import atomic_write_text
-
-        if not self.load():
-            atomic_write_text(self.path, self.key + "\n")
-
-    def append(self, w: Sequence[float], fid: float) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"w": list(w), "fid": fid}) + "\n")
 
 
 def fid_at_steps(model: nn.Module, cfg: Config, steps: int, seeds, spaces, refs, device, desc: str) -> float:

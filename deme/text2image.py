@@ -200,7 +200,7 @@ def fetch_pipeline(cfg: Config):
     m = cfg.model
     fetch = (f"huggingface-cli download {m.pretrained_id} --local-dir {m.local_path}" if m.local_path
              else f"huggingface-cli download {m.pretrained_id}")
-    kw = dict(safety_checker=None, requires_safety_checker=False)
+    kw = dict(safety_checker=None, requires_safety_checker=False, use_safetensors=True)  # never unpickle a .bin
     if m.local_path:
         path = Path(m.local_path)
         if not (path / "model_index.json").exists():
@@ -209,7 +209,9 @@ def fetch_pipeline(cfg: Config):
         try:
             return StableDiffusionPipeline.from_pretrained(path, **kw), str(path)
         except (OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: unreadable pipeline ({e})") from None
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise CheckpointError(f"{path}: unreadable pipeline, or no .safetensors weights ({reason}); "
+                                  f"on a connected machine run: {fetch}") from None
     offline = os.environ.setdefault("HF_HUB_OFFLINE", "1").upper() in ("1", "ON", "YES", "TRUE")
     try:
         return StableDiffusionPipeline.from_pretrained(m.pretrained_id, local_files_only=offline, **kw), \
@@ -367,26 +369,41 @@ def prompt_batches(n: int, cfg: Config):
 
 def sample_prompts(unet: nn.Module, comps: Components, prompts: Sequence[str], seeds: Sequence[int], cfg: Config,
                    device: torch.device, spaces: dict | None = None, clip=None, keep: int = 0, desc: str = "sampling",
-                   steps: int | None = None) -> dict:
+                   steps: int | None = None, shards=None) -> dict:
     """Sample one image per (prompt, seed) and score them while sampling (no files): features in every FID
     space, per-image CLIP scores, the first ``keep`` images. Batches are split over the processes of
-    ``accelerate launch`` and gathered in order, so every process gets the same result."""
+    ``accelerate launch`` and gathered in order, so every process gets the same result. ``shards``
+    (deme/resume.py): keep every finished batch's scores, and read back those of an earlier, killed run."""
     from tqdm.auto import tqdm
 
     from deme.distributed import current, gather_batches
     from deme.metrics.fid import batch_features
+    from deme.resume import batch_key
 
     unet.to(device).eval()
     mine = prompt_batches(len(prompts), cfg)
+    todo = [r for r in mine if shards is None or not shards.has(batch_key(*r))]
     local = []
-    bar = tqdm(total=sum(hi - lo for lo, hi in mine), desc=desc, unit="img", dynamic_ncols=True)
+    bar = tqdm(total=sum(hi - lo for lo, hi in todo), desc=desc, unit="img", dynamic_ncols=True)
     for lo, hi in mine:
-        images = generate_images(unet, comps, prompts[lo:hi], seeds[lo:hi], cfg, device, steps)
-        feats = {m: batch_features(images, s) for m, s in (spaces or {}).items()}
-        scores = clip.score(images, list(prompts[lo:hi])) if clip is not None else None
-        local.append((feats, scores, images[:keep - lo] if lo < keep else None))
-        bar.update(hi - lo)
+        entry = shards.get(batch_key(lo, hi)) if shards is not None else None
+        if shards is not None:
+            shards.count(hi - lo, fresh=entry is None)
+        if entry is None:
+            images = generate_images(unet, comps, prompts[lo:hi], seeds[lo:hi], cfg, device, steps)
+            entry = {f"features_{m}": batch_features(images, s) for m, s in (spaces or {}).items()}
+            if clip is not None:
+                entry["clip"] = clip.score(images, list(prompts[lo:hi]))
+            if lo < keep:
+                entry["kept"] = images[:keep - lo].numpy()
+            if shards is not None:
+                shards.put(batch_key(lo, hi), entry)
+            bar.update(hi - lo)
+        kept = torch.from_numpy(entry["kept"]) if "kept" in entry else None
+        local.append(({m: entry[f"features_{m}"] for m in (spaces or {})}, entry.get("clip"), kept))
     bar.close()
+    if shards is not None:
+        shards.note(len(mine), "batches")
     everything = gather_batches(local, current())
     out = {"features": {m: np.concatenate([f[m] for f, _, _ in everything]) for m in (spaces or {})}}
     out["clip"] = np.concatenate([c for _, c, _ in everything]) if clip is not None else None

@@ -1,14 +1,21 @@
 """MLflow: one run per stage execution (the lab notebook; DVC remains the build system).
 
 Experiment = profile; run name = ``<stage>`` or ``<stage>@<item>``; tags ``stage``, ``profile``, ``item``,
-``method``, ``interval``, ``seed``, ``git_commit``, ``dvc_exp``. Metric names are the same for every method
-(``loss``, ``loss_eps``, ``loss_consistency``, ``fid``). Tracking URI: ``MLFLOW_TRACKING_URI`` or
+``method``, ``interval``, ``seed``, ``git_commit``, ``dvc_exp``, and ``host``/``pid``/``workdir`` (who ran it).
+Metric names are the same for every method (``loss``, ``loss_eps``, ``loss_consistency``, ``fid``). Tracking
+URI: ``MLFLOW_TRACKING_URI`` (e.g. an ``mlflow server`` shared by queued experiments) or
 ``sqlite:///<repo>/mlflow.db``.
+
+A killed process cannot close its run, so MLflow would show it RUNNING forever. When a stage starts, the
+runs of the same name that are still RUNNING, were started in the same working directory on this host, and
+whose process is gone are set to KILLED and linked to the new run: tag ``deme.resumed_by`` on the old run,
+``deme.resumed_from`` on the new one (which resumes from the killed run's checkpoints, deme/resume.py).
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -58,6 +65,23 @@ class Run:
     def set_tags(self, tags: dict[str, Any]) -> None:
         self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
+    def register_model(self, path: str | Path, name: str, tags: dict[str, Any] | None = None) -> str | None:
+        """Log the model folder ``path`` as this run's artifact ``model`` and register it as a new version of
+        ``name`` in the MLflow model registry; returns the version (None, with a warning, if the tracking
+        server has no registry)."""
+        self.log_artifact(path, "model")
+        client = self._mlflow.MlflowClient()
+        try:
+            if not client.search_registered_models(filter_string=f"name = '{name}'"):
+                client.create_registered_model(name, description="DeMe merged model: theta + sum_i w_i tau_i "
+                                                                 "(PAPER.md §1.8)")
+            version = client.create_model_version(name, f"{self.run.info.artifact_uri}/model", run_id=self.id,
+                                                  tags={k: str(v) for k, v in (tags or {}).items()})
+        except Exception as e:  # e.g. a file-store URI, which has no registry
+            warnings.warn(f"MLflow model registry: {name} not registered ({type(e).__name__}: {e})")
+            return None
+        return str(version.version)
+
 
 @contextlib.contextmanager
 def stage_run(stage: str, profile: str, *, item: str | None = None, params: dict | None = None,
@@ -70,15 +94,54 @@ def stage_run(stage: str, profile: str, *, item: str | None = None, params: dict
 
         mlflow.set_tracking_uri(tracking_uri())
         mlflow.set_experiment(profile)
+    name = f"{stage}@{item}" if item else stage
+    who = {"host": socket.gethostname(), "pid": os.getpid(), "workdir": str(repo_root().resolve())}
     all_tags = {"stage": stage, "profile": profile, "git_commit": git_commit(),
                 "dvc_exp": os.environ.get("DVC_EXP_NAME", ""), **({"item": item} if item else {}),
-                **(tags or {})}
-    with mlflow.start_run(run_name=f"{stage}@{item}" if item else stage,
-                          tags={k: str(v) for k, v in all_tags.items()}) as active:
+                **who, **(tags or {})}
+    killed = close_killed_runs(mlflow.MlflowClient(), mlflow.get_experiment_by_name(profile).experiment_id, name,
+                               who)
+    if killed:
+        all_tags["deme.resumed_from"] = ",".join(killed)
+    with mlflow.start_run(run_name=name, tags={k: str(v) for k, v in all_tags.items()}) as active:
         run = Run(mlflow, active)
+        for old in killed:
+            mlflow.MlflowClient().set_tag(old, "deme.resumed_by", run.id)
+        if killed:
+            print(f"[resume] MLflow: run {', '.join(killed)} of {name} was killed; this run {run.id} resumes it",
+                  flush=True)
         if params:
             run.log_params(params)
         yield run
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def close_killed_runs(client, experiment_id: str, name: str, who: dict) -> list[str]:
+    """Set to KILLED the RUNNING runs named ``name`` of ``who``'s host and working directory whose process
+    no longer exists (a SIGKILL, an OOM kill, a lost node); their ids, newest first."""
+    runs = client.search_runs([experiment_id], filter_string=f"attributes.run_name = '{name}' and "
+                                                              f"attributes.status = 'RUNNING'",
+                              order_by=["attributes.start_time DESC"], max_results=100)
+    killed = []
+    for r in runs:
+        tags = r.data.tags
+        if tags.get("host") != who["host"] or tags.get("workdir") != who["workdir"]:
+            continue
+        pid = int(tags.get("pid", "0") or 0)
+        if pid <= 0 or pid == who["pid"] or _alive(pid):
+            continue
+        client.set_terminated(r.info.run_id, status="KILLED")
+        killed.append(r.info.run_id)
+    return killed
 
 
 class NullRun:

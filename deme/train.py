@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from deme.config import TrainConfig
 from deme.io import atomic_dir, derive_seed, write_json
+from deme.resume import saved
 
 LogFn = Callable[[dict[str, float], int], None]
 EvalFn = Callable[[nn.Module, int], dict[str, float]]  # (EMA model, step) -> metrics, e.g. proxy FID
@@ -122,13 +123,18 @@ def train(model: nn.Module, objective, images, cfg: TrainConfig, *, seed: int,
     ckpt_dir = Path(ckpt_dir) if ckpt_dir and cfg.ckpt_every else None
     start = (_load_checkpoint(ckpt_dir, fingerprint, acc.unwrap_model(model), ema, optimizer, objective,
                               acc.scaler) if ckpt_dir else 0)
+    # what went to `log` up to the checkpoint: replayed on resume, so the curve of a resumed run is complete
+    # and the loss terms of the steps since the last logged one, so the next logged average is the same too
+    history, window = _load_history(ckpt_dir) if start else ([], {})
+    if log is not None and acc.is_main_process:
+        for past_step, metrics in history:
+            log(metrics, past_step)
     with warnings.catch_warnings():  # fast-forward the LR schedule on resume (it is a function of the step)
         warnings.simplefilter("ignore")
         for _ in range(start):
             scheduler.step()
 
     model.train()
-    window: dict[str, list[float]] = {}
     t0, seen = time.perf_counter(), 0
     bar = tqdm(range(start, cfg.iterations), desc=desc, initial=start, total=cfg.iterations,
                disable=not acc.is_main_process, dynamic_ncols=True)
@@ -165,6 +171,7 @@ def train(model: nn.Module, objective, images, cfg: TrainConfig, *, seed: int,
             model.train()
             if log is not None and acc.is_main_process:
                 log(scores, done)
+                history.append((done, scores))
             t0 += time.perf_counter() - t_eval  # keep images/s a training throughput
         if done % cfg.log_every == 0 or done == cfg.iterations:
             metrics = {k: sum(v) / len(v) for k, v in window.items()}
@@ -174,10 +181,11 @@ def train(model: nn.Module, objective, images, cfg: TrainConfig, *, seed: int,
             bar.set_postfix(loss=f"{metrics['loss']:.4f}")
             if log is not None and acc.is_main_process:
                 log(metrics, done)
+                history.append((done, metrics))
             window, t0, seen = {}, time.perf_counter(), 0
         if ckpt_dir and done % cfg.ckpt_every == 0 and done < cfg.iterations and acc.is_main_process:
             _save_checkpoint(ckpt_dir, done, fingerprint, acc.unwrap_model(model), ema, optimizer, objective,
-                             acc.scaler)
+                             acc.scaler, history, window)
     bar.close()
 
     acc.wait_for_everyone()
@@ -202,9 +210,10 @@ def _evaluate_ema(evaluate: EvalFn, model: nn.Module, ema, step: int) -> dict[st
 
 
 def _save_checkpoint(path: Path, step: int, fingerprint: str, model: nn.Module, ema, optimizer,
-                     objective=None, scaler=None) -> None:
-    """Model, EMA, optimiser, fp16 loss scaler, step and the objective's own state. No RNG state is needed:
-    every draw of step s comes from a generator seeded by (seed, s), see the module docstring."""
+                     objective=None, scaler=None, history=(), window=None) -> None:
+    """Model, EMA, optimiser, fp16 loss scaler, step, the objective's own state and the logged curve so far.
+    No RNG state is needed: every draw of step s comes from a generator seeded by (seed, s), see the module
+    docstring."""
     from safetensors.torch import save_file
 
     with atomic_dir(path) as tmp:
@@ -216,9 +225,30 @@ def _save_checkpoint(path: Path, step: int, fingerprint: str, model: nn.Module, 
         if scaler is not None:
             torch.save(scaler.state_dict(), tmp / "scaler.pt")
         extra = getattr(objective, "extra_state", None)  # e.g. ANT's Nash weights and step counter
+        write_json(tmp / "history.json", {"log": [[s, {k: float(v) for k, v in m.items()}] for s, m in history],
+                                           "window": window or {}})
         write_json(tmp / "state.json", {"step": step, "fingerprint": fingerprint,
                                          "ema_optimization_step": ema.optimization_step,
                                          "objective": extra() if extra else None})
+    saved(f"{path} step {step}")
+
+
+def _load_history(path: Path) -> tuple[list[tuple[int, dict[str, float]]], dict[str, list[float]]]:
+    """What was logged before the checkpoint, as (step, metrics) pairs, and the loss terms of the steps
+    since the last logged one (empty for a checkpoint without them)."""
+    from deme.io import read_json
+    from deme.models import CheckpointError
+
+    if not (path / "history.json").exists():
+        return [], {}
+    num = lambda v: float("nan") if v is None else float(v)  # noqa: E731 (JSON has no NaN)
+    try:
+        data = read_json(path / "history.json")
+        return ([(int(s), {k: num(v) for k, v in m.items()}) for s, m in data["log"]],
+                {k: [num(v) for v in vs] for k, vs in data["window"].items()})
+    except (ValueError, TypeError, AttributeError, KeyError) as e:
+        raise CheckpointError(f"{path / 'history.json'}: corrupt training log ({e}); delete {path} to start the "
+                              f"stage over") from None
 
 
 def _load_checkpoint(path: Path, fingerprint: str, model: nn.Module, ema, optimizer, objective=None,
@@ -244,9 +274,12 @@ def _load_checkpoint(path: Path, fingerprint: str, model: nn.Module, ema, optimi
             scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
         if state.get("objective") is not None:
             objective.load_extra_state(state["objective"])
-    except Exception as e:
-        raise RuntimeError(f"{path}: corrupt or truncated training checkpoint ({e}); "
-                           f"delete the folder to start the stage over") from None
+    except Exception as e:  # one line: the first line of the loader's message (torch's can run to pages)
+        from deme.models import CheckpointError
+
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise CheckpointError(f"{path}: corrupt, truncated or unsafe training checkpoint ({type(e).__name__}: "
+                              f"{reason}); delete the folder to start the stage over") from None
     print(f"[resume] {path}: resuming at step {state['step']}")
     return int(state["step"])
 

@@ -18,6 +18,10 @@ evaluation set: `analysis.samples` training images (seeded choice) with fixed no
                retrained with another seed)
   sequence     the reviewers' sequence view: x0 predictions at the end of each interval for the pretrained,
                interval, ensemble and merged models from the same noise
+
+Resumable: the models an analysis trains itself resume from their checkpoints, and the gradient groups
+(gradsim) and loss-plane points (landscape, plane) already computed are kept in .ckpt/<profile>/analysis-<name>/
+until the npz is written (deme/resume.py).
 """
 import sys
 from pathlib import Path
@@ -81,6 +85,16 @@ def merge_weights(paths):
     return model_meta(paths.merged)["weights"]
 
 
+def shards(ctx, what, *models, **more):
+    """The resume state of one analysis: finished pieces, valid for these models' weights and settings."""
+    from deme.paths import Paths
+    from deme.resume import Shards, state_digest
+
+    fingerprint = {"analysis": ctx.cfg.to_dict()["analysis"], "seed": ctx.cfg.seed,
+                   "models": [state_digest(m) for m in models], **more}
+    return Shards(Paths(ctx.cfg.profile).ckpt(f"analysis-{what}"), fingerprint, main=ctx.is_main)
+
+
 def compute(ctx, what):
     """The npz content of one analysis and a few headline numbers for MLflow."""
     import dataclasses
@@ -105,8 +119,9 @@ def compute(ctx, what):
         from deme.report.claims import gradient_agreement
 
         ts = np.unique(np.linspace(0, T - 1, min(a.gradsim_timesteps, T)).round().astype(int))
-        out = compute_gradsim(load_pretrained(cfg), x0, noise, ts, ab, micro_batch=a.batch_size,
-                              sketch_dim=a.sketch_dim, seed=seed, progress=True)
+        model = load_pretrained(cfg)
+        out = compute_gradsim(model, x0, noise, ts, ab, micro_batch=a.batch_size, sketch_dim=a.sketch_dim,
+                              seed=seed, progress=True, shards=shards(ctx, what, model))
         adj, far = gradient_agreement(out["S"], out["timesteps"])
         return out, {"cos_adjacent": adj, "cos_distant": far}
 
@@ -129,9 +144,10 @@ def compute(ctx, what):
         from deme.analysis.landscape import compute_landscape
 
         ranges = [(0, T)] + [interval_bounds(i, N, T) for i in cfg.deme.intervals]
-        out = compute_landscape(load_pretrained(cfg), x0, noise, ranges, ab, grid=a.landscape_grid,
-                                span=a.landscape_span, t_draws=a.t_draws, seed=seed, micro_batch=a.batch_size,
-                                progress=True)
+        model = load_pretrained(cfg)
+        out = compute_landscape(model, x0, noise, ranges, ab, grid=a.landscape_grid, span=a.landscape_span,
+                                t_draws=a.t_draws, seed=seed, micro_batch=a.batch_size, progress=True,
+                                shards=shards(ctx, what, model, ranges=ranges))
         return out, {f"origin_loss_{lo}_{hi}": float(v) for (lo, hi), v in zip(ranges, out["origin_loss"])}
 
     if what == "plane":
@@ -143,9 +159,11 @@ def compute(ctx, what):
         loss_fn, _ = range_losses(x0, noise, [(0, T)], ab, t_draws=a.t_draws, seed=seed, micro_batch=a.batch_size)
         pairs = None if a.plane_pairs == "all" else [(0, N - 1)]
         theta = {k: v.detach().clone() for k, v in base.state_dict().items()}
+        weights = merge_weights(paths)
         out = compute_planes(base, theta, {k: m.state_dict() for k, m in models.items()},
-                             lambda m: float(loss_fn(m)[0]), pairs=pairs, merge_weights=merge_weights(paths),
-                             grid=a.plane_grid, margin=a.plane_margin, progress=True)
+                             lambda m: float(loss_fn(m)[0]), pairs=pairs, merge_weights=weights,
+                             grid=a.plane_grid, margin=a.plane_margin, progress=True,
+                             shards=shards(ctx, what, base, *models.values(), weights=weights))
         return out, {"loss_theta": float(out["point_loss"][0, 0])}
 
     if what == "taskvec":
@@ -231,7 +249,7 @@ def body(ctx):
         for f in sorted(tmp.iterdir()):
             ctx.run.log_artifact(f, "figures")
     if not ctx.args.plot_only:
-        for ck in extra_models(cfg, what):  # the extra models' resume state, once the data is written
+        for ck in extra_models(cfg, what) + [f"analysis-{what}"]:  # the resume state, once the data is written
             shutil.rmtree(paths.ckpt(ck), ignore_errors=True)
         ctx.wrote(npz)
     for p in pngs:

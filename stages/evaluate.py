@@ -14,6 +14,10 @@ plus CLIP score), ImageNet (template x class names; FID and CLIP), PartiPrompts 
 100 x cosine of the normalised open_clip embeddings (PAPER.md §8.3). The ensemble's interval model serves
 both CFG branches. Also writes samples/<profile>/<model>-prompts.png (the first benchmarks.grid_prompts
 PartiPrompts), the report's prompt-by-model grid.
+
+Resumable: the features (and CLIP scores) of every finished batch are kept in .ckpt/<profile>/evaluate-<model>/
+until the metrics are written, so a killed evaluation samples only the batches it had not finished and ends
+with the uninterrupted run's numbers (deme/resume.py).
 """
 import sys
 from pathlib import Path
@@ -51,10 +55,28 @@ def load(name, cfg, paths):
     return [load_model(p) for p in seeds]
 
 
+def rate(images_per_s):
+    return f"{images_per_s:.1f} img/s" if images_per_s else "every batch resumed, no rate measured"
+
+
 BENCHMARKS = {"coco": True, "imagenet": True, "parti": False}  # name -> has an FID (PAPER.md §3.2)
 
 
+def shards(ctx, model, k, spaces, part="", **more):
+    """The resume state of evaluating training seed ``k``'s model (``part``: a t2i benchmark)."""
+    from deme.evaluation import describe
+    from deme.paths import Paths
+    from deme.resume import Shards, state_digest
+
+    cfg = ctx.cfg.to_dict()
+    fingerprint = {"model": state_digest(model), "seed": cfg["seed"], "sample": cfg["sample"],
+                   "schedule": cfg["schedule"], "spaces": describe(spaces) if spaces else None, **more}
+    folder = Paths(ctx.cfg.profile).ckpt(f"evaluate-{ctx.args.model}") / f"seed-{k}{part}"
+    return Shards(folder, fingerprint, main=ctx.is_main)
+
+
 def evaluate_t2i(ctx):
+    import shutil
     import time
 
     import numpy as np
@@ -84,10 +106,13 @@ def evaluate_t2i(ctx):
             seeds = bench_seeds(bench, len(prompts), cfg.seed)
             keep = cfg.sample.grid_size if bench == "coco" else cfg.benchmarks.grid_prompts if bench == "parti" else 0
             t0 = time.perf_counter()
+            done = shards(ctx, model, k, spaces if has_fid else None, f"-{bench}", prompts=sets[bench].get("sha256"),
+                          count=len(prompts), keep=keep, pipeline=cfg.to_dict()["pipeline"], clip=clip.describe())
             res = sample_prompts(model, comps, prompts, seeds, cfg, ctx.device, spaces if has_fid else None, clip,
-                                 keep=keep, desc=f"evaluate@{name} {bench}" + (f" seed {k}" if len(models) > 1 else ""))
+                                 keep=keep, desc=f"evaluate@{name} {bench}" + (f" seed {k}" if len(models) > 1 else ""),
+                                 shards=done)
             wall += time.perf_counter() - t0
-            n_images += len(prompts)
+            n_images += len(prompts) * done.fresh_fraction()  # a resumed run's rate counts what it sampled
             scores[f"{bench}_clip"] = float(np.mean(res["clip"]))
             if has_fid:
                 for mode, feats in res["features"].items():
@@ -110,7 +135,7 @@ def evaluate_t2i(ctx):
                 "sampler": cfg.sample.scheduler_class, "steps": cfg.sample.steps, "guidance_scale": cfg.pipeline.guidance_scale,
                 "sample_precision": cfg.sample.precision, "fid_resolution": cfg.benchmarks.fid_resolution,
                 "models": n_models, "parameters_per_model": count_parameters(models[0]) // n_models,
-                "images_per_s": n_images / wall, "num_processes": cfg.runtime.num_processes,
+                "images_per_s": n_images / wall if n_images else None, "num_processes": cfg.runtime.num_processes,
                 **describe(spaces), **clip.describe()})
     write_json(paths.metrics("evaluate", name), out)
     grid, row = paths.samples(name), paths.samples(f"{name}-prompts")
@@ -120,12 +145,14 @@ def evaluate_t2i(ctx):
     ctx.run.log_artifact(grid, "samples")
     ctx.run.log_artifact(row, "samples")
     shown = ", ".join(f"{k} {out[k]:.3f}" for k in keys if k.endswith(("_fid", "_clip")))
-    ctx.note(f"{name}: {shown} ({out['images_per_s']:.1f} img/s)")
+    ctx.note(f"{name}: {shown} ({rate(out['images_per_s'])})")
     for p in (paths.metrics("evaluate", name), grid, row):
         ctx.wrote(p)
+    shutil.rmtree(paths.ckpt(f"evaluate-{name}"), ignore_errors=True)  # the resume state, now the outputs exist
 
 
 def body(ctx):
+    import shutil
     import time
 
     from deme.evaluation import describe, feature_spaces, fids, load_references, sample_features
@@ -144,14 +171,16 @@ def body(ctx):
     refs, held = load_references(cfg, spaces), load_references(cfg, spaces, heldout=True)
     headline = f"fid_{next(iter(spaces))}"
     seeds = sample_seeds("eval", cfg.sample.num_samples, cfg.seed)
-    per_seed, first, wall = [], None, 0.0
+    per_seed, first, wall, sampled = [], None, 0.0, 0.0
     for k, model in enumerate(models):
         t0 = time.perf_counter()
         save_dir = (paths.samples(name).with_suffix("") / f"seed-{k}") if cfg.sample.save_images else None
+        done = shards(ctx, model, k, spaces, keep=cfg.sample.grid_size)
         feats, kept = sample_features(model, seeds, cfg, spaces, ctx.device, keep=cfg.sample.grid_size,
                                       desc=f"evaluate@{name}" + (f" seed {k}" if len(models) > 1 else ""),
-                                      save_dir=save_dir)
+                                      save_dir=save_dir, shards=done)
         wall += time.perf_counter() - t0
+        sampled += len(seeds) * done.fresh_fraction()  # a resumed run's rate counts what it sampled
         per_seed.append({**fids(feats, refs), **(fids(feats, held, "fid_heldout") if held else {})})
         first = kept if first is None else first
     if not ctx.is_main:
@@ -165,7 +194,7 @@ def body(ctx):
            "training_seeds": len(fid_list), "num_samples": len(seeds), "sampler": cfg.sample.sampler,
            "steps": cfg.sample.steps, "eta": cfg.sample.eta, "sample_precision": cfg.sample.precision,
            "models": n_models, "parameters_per_model": count_parameters(models[0]) // n_models,
-           "images_per_s": len(seeds) * len(models) / wall, "num_processes": cfg.runtime.num_processes,
+           "images_per_s": sampled / wall if sampled else None, "num_processes": cfg.runtime.num_processes,
            **describe(spaces)}
     write_json(paths.metrics("evaluate", name), out)
     grid = paths.samples(name)
@@ -174,9 +203,10 @@ def body(ctx):
     ctx.run.log_artifact(grid, "samples")
     spread = f" ± {out['fid_std']:.4f} over {len(fid_list)} training seeds" if len(fid_list) > 1 else ""
     modes = ", ".join(f"{k} {out[k]:.4f}" for k in by_mode)
-    ctx.note(f"{name}: FID {fid:.4f}{spread} from {len(seeds)} samples ({modes}; {out['images_per_s']:.1f} img/s)")
+    ctx.note(f"{name}: FID {fid:.4f}{spread} from {len(seeds)} samples ({modes}; {rate(out['images_per_s'])})")
     ctx.wrote(paths.metrics("evaluate", name))
     ctx.wrote(grid)
+    shutil.rmtree(paths.ckpt(f"evaluate-{name}"), ignore_errors=True)  # the resume state, now the outputs exist
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ seeded subset of `fid.reference_samples`), or clean-fid's cached built-in statis
 cifar10/train). With a training-set or built-in reference, the held-out set gets statistics of its own
 (stats/<profile>/fid_heldout_<mode>.npz) and the evaluation reports FID against both. The floor is the FID of as many images of the *other* set as the
 evaluation generates against those statistics: no model can be expected to beat it at that sample size.
-Runs split over processes under `accelerate launch`.
+Runs split over processes under `accelerate launch`. Resumable: finished feature batches are kept in
+.ckpt/<profile>/fid_ref/ until the outputs are written (deme/resume.py).
 
 Text-to-image (`--t2i`, PAPER.md §3.2, §8.3): one reference per FID benchmark from the prepare stage's
 images at benchmarks.fid_resolution (COCO: all val2014 images; ImageNet: the val images; the tiny stand-ins:
@@ -25,8 +26,22 @@ from deme.cli import run_stage  # noqa: E402
 BENCH_FID = ("coco", "imagenet")  # PartiPrompts is CLIP only (PAPER.md §3.2)
 
 
+def shards(ctx, spaces, label, source, images):
+    """The resume state of one feature pass: finished batches of ``images`` (read from ``source``)."""
+    from deme.evaluation import describe
+    from deme.paths import Paths
+    from deme.resume import Shards, file_id
+
+    fingerprint = {"source": file_id(source), "count": len(images), "spaces": describe(spaces),
+                   "batch_size": ctx.cfg.fid.batch_size, "seed": ctx.cfg.seed,
+                   "subset": (ctx.cfg.fid.reference_samples, ctx.cfg.benchmarks.reference_samples
+                              if ctx.cfg.task == "t2i" else None)}
+    return Shards(Paths(ctx.cfg.profile).ckpt("fid_ref") / label, fingerprint, main=ctx.is_main)
+
+
 def bench_refs(ctx):
     import json
+    import shutil
 
     import numpy as np
 
@@ -45,9 +60,11 @@ def bench_refs(ctx):
         if b.reference_samples and b.reference_samples < len(images):
             rng = np.random.default_rng(derive_seed(cfg.seed, "fid_ref", bench))
             images = images[np.sort(rng.choice(len(images), b.reference_samples, replace=False))]
-        feats = array_features(images, spaces, cfg.fid.batch_size, desc=f"{bench} reference")
+        feats = array_features(images, spaces, cfg.fid.batch_size, desc=f"{bench} reference",
+                               shards=shards(ctx, spaces, bench, paths.bench_ref(bench), images))
         n = len(json.loads(paths.prompts(bench).read_text())["prompts"])
-        floor = (array_features(train[:n], spaces, cfg.fid.batch_size, desc=f"{bench} floor")
+        floor = (array_features(train[:n], spaces, cfg.fid.batch_size, desc=f"{bench} floor",
+                                shards=shards(ctx, spaces, f"{bench}-floor", paths.train, train[:n]))
                  if train.shape[1] == b.fid_resolution else None)
         if not ctx.is_main:
             continue
@@ -66,9 +83,12 @@ def bench_refs(ctx):
         write_json(paths.metrics("fid_ref"), out)
         ctx.run.log_metrics({k: v for k, v in out.items() if "floor" in k})
         ctx.wrote(paths.metrics("fid_ref"))
+        shutil.rmtree(paths.ckpt("fid_ref"), ignore_errors=True)
 
 
 def body(ctx):
+    import shutil
+
     import numpy as np
 
     from deme.data import load_images
@@ -91,16 +111,20 @@ def body(ctx):
         if f.reference_samples and f.reference_samples < len(ref_images):  # a seeded subset, kept in order
             rng = np.random.default_rng(derive_seed(cfg.seed, "fid_ref"))
             ref_images = ref_images[np.sort(rng.choice(len(ref_images), f.reference_samples, replace=False))]
-        feats = array_features(ref_images, spaces, f.batch_size, desc=f"reference ({f.reference})")
+        feats = array_features(ref_images, spaces, f.batch_size, desc=f"reference ({f.reference})",
+                               shards=shards(ctx, spaces, "reference", paths.ref if f.reference == "ref" else paths.train,
+                                             ref_images))
         refs = {m: Stats.of(x) for m, x in feats.items()}
         num_ref, ref_label = len(ref_images), {"ref": "held-out images", "train": "training images"}[f.reference]
     # a held-out reference beside a training-set one, where the data has a held-out set (PAPER.md §8.3)
-    held = (array_features(heldout, spaces, f.batch_size, desc="held-out reference")
+    held = (array_features(heldout, spaces, f.batch_size, desc="held-out reference",
+                           shards=shards(ctx, spaces, "heldout", paths.ref, heldout))
             if f.reference != "ref" else None)
     # the floor: as many images of a set the reference does not contain as the evaluation generates
     other = train if f.reference == "ref" else heldout
     n = min(cfg.sample.num_samples, len(other))
-    floor_feats = (array_features(other[:n], spaces, f.batch_size, desc="floor") if held is None
+    floor_feats = (array_features(other[:n], spaces, f.batch_size, desc="floor",
+                                  shards=shards(ctx, spaces, "floor", paths.train, other[:n])) if held is None
                    else {m: x[:n] for m, x in held.items()})
     if not ctx.is_main:
         return
@@ -119,6 +143,7 @@ def body(ctx):
     floor_set = "training" if f.reference == "ref" else "held-out"
     ctx.note(f"data-vs-data floor: FID {out['fid_floor']:.3f} ({n} {floor_set} images vs {num_ref} {ref_label})")
     ctx.wrote(paths.metrics("fid_ref"))
+    shutil.rmtree(paths.ckpt("fid_ref"), ignore_errors=True)  # the resume state, once the outputs are written
 
 
 if __name__ == "__main__":

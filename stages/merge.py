@@ -52,10 +52,11 @@ def body(ctx):
 
     from deme.evaluation import feature_spaces, fid_of_model, load_references
     from deme.io import atomic_write_text, sample_seeds, write_json
-    from deme.merge import Scorer, coordinate_search, grid_search, merged_model, task_vector
+    from deme.merge import Scorer, merged_model, search, task_vector
     from deme.models import load_model, load_pretrained, model_meta, save_model
     from deme.paths import Paths
     from deme.projection import add_channel_projection
+    from deme.resume import ScoreLog, state_digest
 
     cfg, paths = ctx.cfg, Paths(ctx.cfg.profile)
     d, m = cfg.deme, cfg.merge
@@ -76,27 +77,21 @@ def body(ctx):
     refs = load_references(cfg, spaces) if cfg.task == "image" else None  # t2i: the COCO stats, t2i_scorer
     seeds = sample_seeds("search", m.proxy_samples, cfg.seed)
 
-    # resumable cache of scored candidates, valid only for the same models and search settings
-    ckpt = paths.ckpt("merge") / "scores.jsonl"
-    key = json.dumps([cfg.to_dict()["merge"], cfg.to_dict()["sample"], cfg.to_dict()["pipeline"], [model_meta(paths.interval(i)).get("git_commit")
-                      for i in d.intervals], cfg.seed])
-    cache = {}
-    if ckpt.exists():
-        lines = ckpt.read_text().splitlines()
-        if lines and lines[0] == key:
-            for line in lines[1:]:
-                row = json.loads(line)
-                cache[tuple(row["w"])] = row["fid"]
-            ctx.note(f"[resume] {len(cache)} scored candidates reused from {ckpt}")
-    if not cache and ctx.is_main:
-        atomic_write_text(ckpt, key + "\n")
+    # resumable log of scored candidates, valid only for the same models and search settings
+    log = ScoreLog(paths.ckpt("merge") / "scores.jsonl",
+                   json.dumps([cfg.to_dict()["merge"], cfg.to_dict()["sample"], cfg.to_dict()["pipeline"],
+                               [state_digest(v) for v in vectors], cfg.seed]))
+    cache = log.load()
+    if cache:
+        ctx.note(f"[resume] {len(cache)} scored candidates reused from {log.path}")
+    if ctx.is_main:
+        log.start()
     order = [0]
 
     def on_new(w, fid, phase):
         if not ctx.is_main:
             return
-        with open(ckpt, "a") as f:
-            f.write(json.dumps({"w": list(w), "fid": fid}) + "\n")
+        log.append(w, fid)
         order[0] += 1
         ctx.run.log_metrics({"proxy_fid": fid}, step=order[0])
         print(f"  candidate {order[0]:3d} {phase:8s} w=({', '.join(f'{x:.3f}' for x in w)})  proxy FID {fid:.4f}")
@@ -111,10 +106,7 @@ def body(ctx):
     t0 = time.perf_counter()
     scorer = Scorer(score, cache, on_new)
     pretrained_fid = scorer((0.0,) * d.n, "reference")  # all w = 0 is the pretrained model
-    if m.search == "coordinate":
-        best = coordinate_search(scorer, d.n, m.coarse, m.refine_step, m.refine_rounds, m.start, m.bounds)
-    else:
-        best = grid_search(scorer, d.n, m.coarse, m.refine_step, m.refine_rounds, m.bounds)
+    best = search(scorer, d.n, m)
     best_fid = scorer.cache[best]
 
     if not ctx.is_main:
@@ -133,9 +125,14 @@ def body(ctx):
     ctx.run.log_metrics({"best_proxy_fid": best_fid, "pretrained_proxy_fid": pretrained_fid})
     ctx.run.log_params({"merged_weights": list(best)})
     ctx.run.log_artifact(paths.curve("merge_search"), "search")
+    version = ctx.run.register_model(paths.merged, f"{cfg.profile}-merged",
+                                     tags={"profile": cfg.profile, "weights": list(best), "proxy_fid": best_fid,
+                                           "intervals": d.n})
+    if version:
+        ctx.note(f"MLflow model registry: {cfg.profile}-merged version {version}")
     ctx.note(f"best weights {tuple(round(x, 3) for x in best)}: proxy FID {best_fid:.4f} "
              f"(pretrained {pretrained_fid:.4f}; {len(table)} candidates)")
-    ckpt.unlink(missing_ok=True)
+    log.path.unlink(missing_ok=True)
     for p in (paths.merged, paths.curve("merge_search"), paths.metrics("merge")):
         ctx.wrote(p)
 

@@ -55,7 +55,9 @@ def body(ctx):
     from deme.projection import add_channel_projection
     from deme.sample import Ensemble
     from deme.train import clear_checkpoint
-    from deme.sweep import ScoreLog, fid_at_steps, run_steps, search, train_interval, variant_config
+    from deme.merge import search
+    from deme.resume import ScoreLog
+    from deme.sweep import fid_at_steps, run_steps, train_interval, variant_config
 
     cfg, paths = ctx.cfg, Paths(ctx.cfg.profile)
     spaces = feature_spaces(cfg, ctx.device, headline=True)

@@ -414,3 +414,60 @@ def test_several_training_seeds_give_mean_and_std(repos):
     assert m["fid"] == pytest.approx(sum(m["fid_seeds"]) / 2)
     assert m["fid_seeds"][0] != m["fid_seeds"][1] and m["fid_std"] > 0
     assert f"± {m['fid_std']:.3f} (n=2)" in (work / "reports/micro/report.md").read_text()
+
+
+# ----------------------------------------------------------------------------------------------------
+# CI only (marked `ci`, DEME_FULL_TESTS=1): the SIGKILL fault harness over every long stage. Each stage is
+# killed at a random point after 1..K saved pieces (a checkpoint, a finished batch of samples, a loss-plane
+# point, a scored merge candidate), rerun, and must resume to the uninterrupted run's outputs bit for bit
+# with the killed MLflow run closed as KILLED and linked to the resumed one (scripts/fault_harness.py).
+
+FAULT_STAGES = {
+    "image": ["pretrain", "finetune@1", "finetune_baseline@ant_nash", "buffer", "merge:3", "evaluate@ensemble:3",
+              "fid_ref:8", "analyze@gradsim", "analyze@activations", "analyze@landscape:6", "analyze@plane:8",
+              "analyze@taskvec"],
+    "t2i": ["t2i_pretrain", "t2i_latents", "t2i_finetune@1", "t2i_merge:3", "t2i_evaluate@merged:2", "t2i_fid_ref:3"],
+    "sweep": ["sweeps/dvc.yaml:sweep@n2_p000:3"],
+}
+
+
+def _fault_harness(work: Path, env: dict, key: str, seed: int) -> list[dict]:
+    copy = work.with_name(f"{work.name}-faults-{key}")
+    shutil.copytree(work, copy, symlinks=True)
+    fenv = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{copy / 'mlflow.db'}"}
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "fault_harness.py"), *FAULT_STAGES[key],
+                          "--seed", str(seed), "--json", "faults.json"], cwd=copy, env=fenv, capture_output=True,
+                         text=True, timeout=1800)
+    report = copy / "faults.json"
+    if not report.exists():
+        raise AssertionError(f"fault harness ({key}) wrote no report ({out.returncode}):\n{out.stdout[-3000:]}\n"
+                             f"{out.stderr[-3000:]}")
+    results = json.loads(report.read_text())["results"]
+    print(f"\nfault harness ({key}, seed {seed}):")
+    for r in results:
+        print(f"  {r['stage']}: killed after {r.get('pieces_saved_before_kill')} pieces at {r.get('killed_at_s')} s, "
+              f"resumed={r.get('resumed')}, outputs equal={r.get('outputs_equal')} ({r.get('outputs')}), ok={r['ok']}")
+    failed = [r for r in results if not r["ok"]]
+    assert not failed, json.dumps(failed, indent=1)[-6000:]
+    return results
+
+
+@pytest.mark.ci
+def test_fault_harness_image_stages(micro_repo):
+    work, env, _ = micro_repo
+    results = _fault_harness(work, env, "image", seed=1)
+    assert len(results) == len(FAULT_STAGES["image"])
+
+
+@pytest.mark.ci
+def test_fault_harness_text_to_image_stages(t2i_repo):
+    work, env, _ = t2i_repo
+    results = _fault_harness(work, env, "t2i", seed=2)
+    assert len(results) == len(FAULT_STAGES["t2i"])
+
+
+@pytest.mark.ci
+def test_fault_harness_sweep_stage(repos):
+    work, env = _job(repos, "sweep")
+    results = _fault_harness(work, env, "sweep", seed=3)
+    assert len(results) == 1

@@ -262,8 +262,9 @@ def test_crash_and_resume_equals_uninterrupted_run(ab, random_images, tmp_path, 
     resumed = train(copy.deepcopy(init), objective(), random_images, cfg, seed=11, device=CPU,
                     ckpt_dir=tmp_path / "run", fingerprint="fp",
                     log=lambda m, s: resumed_logs.append((s, m["loss"])))
-    assert [s for s, _ in resumed_logs] == [4, 5, 6], "the run did not resume at step 3"
-    assert resumed_logs == ref_logs[3:], "losses after resuming differ from the uninterrupted run"
+    # steps 1-3 are replayed from the checkpoint (the resumed run's curve is complete), 4-6 are trained again
+    assert [s for s, _ in resumed_logs] == [1, 2, 3, 4, 5, 6], "the run did not resume at step 3"
+    assert resumed_logs == ref_logs, "losses after resuming differ from the uninterrupted run"
     res_state = _state(resumed)
     diff = [k for k in ref_state if not torch.equal(ref_state[k], res_state[k])]
     assert not diff, f"EMA weights differ after resume, e.g. {diff[:3]}"
@@ -420,3 +421,26 @@ def test_evaluate_hook_sees_the_ema_weights_and_leaves_training_untouched(ab, ra
     raw = train(copy.deepcopy(init), EpsObjective(ab), random_images,
                 _cfg(iterations=6, ema_max_decay=0.0, ema_power=100.0), seed=4, device=CPU)
     assert not _states_equal(seen[-1][1], _state(raw))
+
+
+def test_resumed_curve_equals_the_uninterrupted_one_when_a_log_window_spans_the_checkpoint(ab, random_images,
+                                                                                           tmp_path):
+    """log_every=2, ckpt_every=3: the step-4 point averages steps 3 and 4, and the checkpoint lies between
+    them. The resumed run replays steps 2 (logged before the kill) and keeps step 3's loss terms, so its
+    whole curve equals the uninterrupted one."""
+    init = randomize_(make_tiny_unet(), seed=6, scale=0.05)
+    cfg = _cfg(iterations=6, ckpt_every=3, log_every=2)
+    ref = []
+    train(copy.deepcopy(init), EpsObjective(ab, p=0.3), random_images, cfg, seed=2, device=CPU,
+          ckpt_dir=tmp_path / "ref", fingerprint="fp",
+          log=lambda m, s: ref.append((s, {k: v for k, v in m.items() if k != "images_per_s"})))
+    seen = []
+    with pytest.raises(_Crash):
+        train(copy.deepcopy(init), EpsObjective(ab, p=0.3), random_images, cfg, seed=2, device=CPU,
+              ckpt_dir=tmp_path / "run", fingerprint="fp", log=_crash_at(4, seen))
+    assert seen == [2, 4]
+    resumed = []
+    train(copy.deepcopy(init), EpsObjective(ab, p=0.3), random_images, cfg, seed=2, device=CPU,
+          ckpt_dir=tmp_path / "run", fingerprint="fp",
+          log=lambda m, s: resumed.append((s, {k: v for k, v in m.items() if k != "images_per_s"})))
+    assert [s for s, _ in resumed] == [2, 4, 6] and resumed == ref

@@ -100,9 +100,11 @@ def off_diagonal(S: np.ndarray, timesteps: Sequence[int], lo: int, hi: int) -> n
 
 def compute_gradsim(model: nn.Module, x0: torch.Tensor, noise: torch.Tensor, timesteps: Sequence[int],
                     alphas_cumprod: torch.Tensor, *, micro_batch: int = 128, sketch_dim: int = 0, seed: int = 0,
-                    group: int = 64, cond: dict | None = None, progress: bool = False) -> dict[str, np.ndarray]:
+                    group: int = 64, cond: dict | None = None, progress: bool = False,
+                    shards=None) -> dict[str, np.ndarray]:
     """Fig. 1(a) (PAPER.md §4): S = cos(g_t, g_t') for t, t' in ``timesteps``, with the same ``x0`` and
-    ``noise`` for every t. Gradients are sketched ``group`` timesteps at a time when ``sketch_dim > 0``.
+    ``noise`` for every t. Gradients are sketched ``group`` timesteps at a time when ``sketch_dim > 0``;
+    ``shards`` (deme/resume.py) keeps each finished group's rows, so a killed run resumes.
 
     npz keys: timesteps [n] int64, S [n, n] float32, sketch_dim, num_params, samples, seed,
     num_train_timesteps. Read by ``deme.analysis.figures.fig1a``.
@@ -110,25 +112,32 @@ def compute_gradsim(model: nn.Module, x0: torch.Tensor, noise: torch.Tensor, tim
     if noise.shape != x0.shape:
         raise ValueError(f"noise {tuple(noise.shape)} must have the images' shape {tuple(x0.shape)}")
     names = [n for n, _ in trainable_parameters(model)]
+    timesteps = [int(t) for t in timesteps]
+    chunks = [timesteps[lo:lo + group] for lo in range(0, len(timesteps), group)]
     rows: list[torch.Tensor] = []
-    pending: list[list[torch.Tensor]] = []
-
-    def flush() -> None:
-        if not pending:
-            return
-        if sketch_dim > 0:
-            per_param = [torch.stack([g[p] for g in pending]) for p in range(len(names))]
-            rows.extend(sketch(per_param, names, sketch_dim, seed).cpu())
+    bar = tqdm(total=len(timesteps), desc="gradients", disable=not progress, dynamic_ncols=True)
+    for g, chunk in enumerate(chunks):
+        saved = shards.get(f"group-{g:05d}") if shards is not None else None
+        if saved is None:
+            pending = []
+            for t in chunk:
+                pending.append(timestep_gradient(model, x0, noise, t, alphas_cumprod, micro_batch=micro_batch,
+                                                 cond=cond))
+                bar.update(1)
+            if sketch_dim > 0:
+                per_param = [torch.stack([gr[p] for gr in pending]) for p in range(len(names))]
+                block = sketch(per_param, names, sketch_dim, seed).cpu()
+            else:
+                block = torch.stack([torch.cat(gr).cpu() for gr in pending])
+            if shards is not None:
+                shards.put(f"group-{g:05d}", {"rows": block})
         else:
-            rows.extend(torch.cat(g).cpu() for g in pending)
-        pending.clear()
-
-    for t in tqdm(list(timesteps), desc="gradients", disable=not progress, dynamic_ncols=True):
-        pending.append(timestep_gradient(model, x0, noise, int(t), alphas_cumprod, micro_batch=micro_batch,
-                                         cond=cond))
-        if len(pending) >= group:
-            flush()
-    flush()
+            block = torch.from_numpy(saved["rows"])
+            bar.update(len(chunk))
+        rows.extend(block)
+    bar.close()
+    if shards is not None:
+        shards.note(len(chunks), "gradient groups")
     S = cosine_matrix(torch.stack(rows))
     num_params = sum(p.numel() for _, p in trainable_parameters(model))
     return {"timesteps": np.asarray(timesteps, dtype=np.int64), "S": S.numpy().astype(np.float32),

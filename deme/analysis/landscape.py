@@ -145,26 +145,33 @@ def _as_array(value) -> np.ndarray:
 
 
 def loss_at_points(model: nn.Module, origin: State, d1: State, d2: State, points: Sequence[tuple[float, float]],
-                   loss_fn: LossFn, progress: bool = False) -> np.ndarray:
+                   loss_fn: LossFn, progress: bool = False, shards=None, key: str = "point") -> np.ndarray:
     """loss_fn(model at origin + x d1 + y d2) for each (x, y) in ``points``: [P, K] where K is the number
-    of values ``loss_fn`` returns (1 for a scalar). The model's weights are restored afterwards."""
+    of values ``loss_fn`` returns (1 for a scalar). The model's weights are restored afterwards.
+    ``shards`` (deme/resume.py): keep each point's values under ``<key>-<index>``, so a killed run resumes."""
     device = model_device(model)  # move the origin and directions once, not per point
     origin, d1, d2 = ({k: v.to(device) for k, v in s.items()} for s in (origin, d1, d2))
     rows = []
     with swapped_weights(model):
-        for x, y in tqdm(points, desc="loss plane", disable=not progress, dynamic_ncols=True):
-            set_weights(model, origin, (d1, d2), (x, y))
-            rows.append(_as_array(loss_fn(model)))
+        for k, (x, y) in enumerate(tqdm(points, desc="loss plane", disable=not progress, dynamic_ncols=True)):
+            saved = shards.get(f"{key}-{k:05d}") if shards is not None else None
+            if saved is None:
+                set_weights(model, origin, (d1, d2), (x, y))
+                saved = {"loss": _as_array(loss_fn(model))}
+                if shards is not None:
+                    shards.put(f"{key}-{k:05d}", saved)
+            rows.append(saved["loss"])
     return np.stack(rows)
 
 
 def loss_on_plane(model: nn.Module, origin: State, d1: State, d2: State, xs: Sequence[float],
-                  ys: Sequence[float], loss_fn: LossFn, progress: bool = False) -> np.ndarray:
+                  ys: Sequence[float], loss_fn: LossFn, progress: bool = False, shards=None,
+                  key: str = "grid") -> np.ndarray:
     """The loss surface on the grid xs x ys: [K, len(ys), len(xs)] with loss[k, j, i] at
     origin + xs[i] d1 + ys[j] d2 (the layout of ``plt.contourf(xs, ys, loss[k])``); K as in
     :func:`loss_at_points`. Each grid point sets the weights once and evaluates every loss in ``loss_fn``."""
     points = [(float(x), float(y)) for y in ys for x in xs]
-    values = loss_at_points(model, origin, d1, d2, points, loss_fn, progress)
+    values = loss_at_points(model, origin, d1, d2, points, loss_fn, progress, shards, key)
     return values.reshape(len(ys), len(xs), -1).transpose(2, 0, 1)
 
 
@@ -198,9 +205,10 @@ def range_losses(x0: torch.Tensor, noise: torch.Tensor, ranges: Sequence[tuple[i
 def compute_landscape(model: nn.Module, x0: torch.Tensor, noise: torch.Tensor,
                       ranges: Sequence[tuple[int, int]], alphas_cumprod: torch.Tensor, *, grid: int = 25,
                       span: float = 1.0, t_draws: int = 4, seed: int = 0, cond: dict | None = None,
-                      micro_batch: int = 256, progress: bool = False) -> dict[str, np.ndarray]:
+                      micro_batch: int = 256, progress: bool = False, shards=None) -> dict[str, np.ndarray]:
     """Fig. 4 (PAPER.md §4): the eps-MSE of ``model`` on the filter-normalised random plane, one surface
-    per timestep range, all from the same two directions (seeded) and the same images and noise.
+    per timestep range, all from the same two directions (seeded) and the same images and noise
+    (``shards``: keep finished grid points, deme/resume.py).
 
     npz keys: xs [g], ys [g] (alpha, beta in [-span, span]), ranges [k, 2], loss [k, g, g]
     (loss[k, j, i] at (xs[i], ys[j])), origin_loss [k] (the model itself), t [k, n * t_draws], seed,
@@ -214,7 +222,9 @@ def compute_landscape(model: nn.Module, x0: torch.Tensor, noise: torch.Tensor,
                                micro_batch=micro_batch)
     xs = np.linspace(-span, span, grid)
     origin_loss = loss_fn(model)
-    loss = loss_on_plane(model, origin, d1, d2, xs, xs, loss_fn, progress)
+    loss = loss_on_plane(model, origin, d1, d2, xs, xs, loss_fn, progress, shards, "landscape")
+    if shards is not None:
+        shards.note(len(xs) ** 2, "grid points")
     return {"xs": xs, "ys": xs.copy(), "ranges": np.asarray(ranges, dtype=np.int64), "loss": loss,
             "origin_loss": origin_loss, "t": ts.cpu().numpy(), "seed": np.asarray(seed),
             "t_draws": np.asarray(t_draws), "samples": np.asarray(len(x0))}

@@ -74,7 +74,7 @@ def plane_grid(points: np.ndarray, grid: int = 31, margin: float = 0.2) -> tuple
 
 def pair_plane(model: nn.Module, base: State, tau_a: State, tau_b: State, loss_fn: LossFn,
                merged: State | None = None, *, grid: int = 31, margin: float = 0.2,
-               progress: bool = False) -> dict[str, np.ndarray]:
+               progress: bool = False, shards=None, key: str = "pair") -> dict[str, np.ndarray]:
     """The loss surface of one pair on its plane: xs, ys [g], loss [g, g] (loss[j, i] at (xs[i], ys[j])),
     points [M, 2] (theta, theta_a, theta_b[, merged projection]) and their losses point_loss [M], and the
     merged point's distance to the plane (NaN without one). ``loss_fn`` must return one value."""
@@ -84,16 +84,19 @@ def pair_plane(model: nn.Module, base: State, tau_a: State, tau_b: State, loss_f
     xs, ys = plane_grid(points, grid, margin)
     like = {k: base[k] for k in tau_a}
     d1, d2 = unflatten(u, like), unflatten(v, like)
-    loss = loss_on_plane(model, base, d1, d2, xs, ys, loss_fn, progress)[0]
-    point_loss = loss_at_points(model, base, d1, d2, [tuple(p) for p in points], loss_fn)[:, 0]
+    loss = loss_on_plane(model, base, d1, d2, xs, ys, loss_fn, progress, shards, f"{key}-grid")[0]
+    point_loss = loss_at_points(model, base, d1, d2, [tuple(p) for p in points], loss_fn, shards=shards,
+                                key=f"{key}-points")[:, 0]
     return {"xs": xs, "ys": ys, "loss": loss, "points": points, "point_loss": point_loss,
             "offplane": offplane_distance(u, v, merged) if merged is not None else float("nan")}
 
 
 def compute_planes(model: nn.Module, base: State, finetuned: Mapping[str, State], loss_fn: LossFn,
                    pairs: Sequence[tuple[int, int]] | None = None, merge_weights: Sequence[float] | None = None,
-                   *, grid: int = 31, margin: float = 0.2, progress: bool = False) -> dict[str, np.ndarray]:
-    """Fig. 6(a) (PAPER.md §4) for several pairs of interval models (default: all pairs, in order).
+                   *, grid: int = 31, margin: float = 0.2, progress: bool = False,
+                   shards=None) -> dict[str, np.ndarray]:
+    """Fig. 6(a) (PAPER.md §4) for several pairs of interval models (default: all pairs, in order);
+    ``shards`` keeps finished grid points (deme/resume.py).
 
     ``base`` is the pretrained state theta (with identity projections when the models carry them),
     ``finetuned`` maps names to finetuned states, ``loss_fn(model) -> float`` is the full-range eps-MSE
@@ -109,7 +112,9 @@ def compute_planes(model: nn.Module, base: State, finetuned: Mapping[str, State]
     pairs = list(pairs) if pairs is not None else list(itertools.combinations(range(len(names)), 2))
     merged = combination(taus, merge_weights) if merge_weights is not None else None
     planes = [pair_plane(model, base, taus[a], taus[b], loss_fn, merged, grid=grid, margin=margin,
-                         progress=progress) for a, b in pairs]
+                         progress=progress, shards=shards, key=f"pair-{a}-{b}") for a, b in pairs]
+    if shards is not None:
+        shards.note(sum(len(p["points"]) + p["loss"].size for p in planes), "plane points")
     out = {"names": np.asarray(names), "pairs": np.asarray(pairs, dtype=np.int64),
            "point_names": np.asarray(["θ", "θ_a", "θ_b"] + (["merged"] if merged is not None else []))}
     for key in ("xs", "ys", "loss", "points", "point_loss", "offplane"):

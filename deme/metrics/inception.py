@@ -229,7 +229,12 @@ def inception_space(mode: str, device: torch.device | str = "cpu", weights: str 
     base = _load_torchscript(path)
     if mode == "legacy_pytorch":
         if base is None:  # pytorch-fid's own .pth
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                sd = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:  # pickle.UnpicklingError for anything but plain tensors: refused, one line
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                raise FeatureNetMissing(f"{path}: not a loadable pytorch-fid weights file ({type(e).__name__}: "
+                                        f"{reason}); fetch it again from {PTH_URL}") from None
         else:
             sd = _pytorch_fid_state_dict(_layers(base))
         net: nn.Module = InceptionFeatures(mode, _pytorch_fid_net(sd))

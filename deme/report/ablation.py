@@ -158,7 +158,7 @@ def table4_markdown(metrics_dir: Path, profile: str) -> str:
         rows.append({"Model (ours)": label, "#Models": models,
                      "#Params": f"{per / 1e6:.3f}M" + (f" × {models}" if models > 1 else ""),
                      "Params loaded": f"{per * models / 1e6:.3f}M",
-                     "NFEs / image": m.get("steps", ""), "images/s (measured)": f"{m.get('images_per_s', np.nan):.1f}",
+                     "NFEs / image": m.get("steps", ""), "images/s (measured)": f"{m.get('images_per_s') or np.nan:.1f}",
                      "FID (ours)": f"{m['fid']:.3f}"})
     out = [pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True) if rows else
            "_No evaluation metrics yet._", ""]
