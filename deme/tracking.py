@@ -2,7 +2,8 @@
 
 Experiment = profile; run name = ``<stage>`` or ``<stage>@<item>``; tags ``stage``, ``profile``, ``item``,
 ``method``, ``interval``, ``seed``, ``git_commit``, ``dvc_exp``, and ``host``/``pid``/``workdir`` (who ran it).
-Metric names are the same for every method (``loss``, ``loss_eps``, ``loss_consistency``, ``fid``). Tracking
+Metric names are the same for every method and profile (``loss``, ``loss_eps``, ``loss_consistency``, ``fid``,
+and ``clip`` on text-to-image, where ``fid``/``clip`` are COCO's, beside ``imagenet_fid`` etc.). Tracking
 URI: ``MLFLOW_TRACKING_URI`` (e.g. an ``mlflow server`` shared by queued experiments) or
 ``sqlite:///<repo>/mlflow.db``.
 

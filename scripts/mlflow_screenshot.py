@@ -110,6 +110,15 @@ def order_runs(runs: list, order: str, metric: str) -> list:
     return sorted(runs, key=lambda r: (r.data.metrics.get(metric, inf), r.info.run_name))
 
 
+def registered_merged(tracking_uri: str, experiment: str) -> str | None:
+    """The name of the merge stage's registered model for this profile, if the registry has it."""
+    import mlflow
+
+    name = f"{experiment}-merged"
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    return name if client.search_registered_models(filter_string=f"name = '{name}'") else None
+
+
 def compare_url(base: str, run_ids: list[str], experiment_ids: list[str]) -> str:
     """MLflow 3.x compare-runs route (``Routes.getCompareRunPageRoute`` in the UI bundle)."""
     query = urllib.parse.urlencode({"runs": json.dumps(run_ids), "experiments": json.dumps(experiment_ids)},
@@ -240,6 +249,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="PNG of the experiment's run table filtered to the same runs "
                         "[<out stem>_runs.png next to --out]")
     p.add_argument("--no-table", action="store_true", help="skip the run-table screenshot")
+    p.add_argument("--registry-out", type=Path, default=None,
+                   help="PNG of the model-registry page of <experiment>-merged (default: <out stem>_registry.png "
+                        "beside --out; skipped when that model is not registered)")
     p.add_argument("--port", type=int, default=0, help="server port (0 = pick a free one)")
     p.add_argument("--chromium", default=None,
                    help="Chromium binary [chromium, chromium-browser or google-chrome on PATH]")
@@ -277,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     out = args.out.resolve()
     table_out = None if args.no_table else (args.table_out or out.with_name(f"{out.stem}_runs.png")).resolve()
+    registry_out = (args.registry_out or out.with_name(f"{out.stem}_registry.png")).resolve()
     try:
         chromium = find_chromium(args.chromium)
         exp, runs = select_runs(args.tracking_uri, args.experiment, args.stage_prefix)
@@ -310,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
             if table_out is not None:
                 shots.append((runs_table_url(browser_base, exp.experiment_id, run_ids, order_key),
                               table_out, table_size))
+            model = registered_merged(args.tracking_uri, args.experiment)
+            if model is not None:
+                shots.append((f"{browser_base}/#/models/{model}", registry_out, (1600, 900)))
             for url, path, size in shots:
                 t0 = time.monotonic()
                 screenshot(chromium, url, path, size=size, budget_ms=args.virtual_time_ms,

@@ -141,7 +141,9 @@ def evaluate_t2i(ctx):
     grid, row = paths.samples(name), paths.samples(f"{name}-prompts")
     save_grid(images["coco"], grid, nrow=int(len(images["coco"]) ** 0.5))
     save_grid(images["parti"], row, nrow=len(images["parti"]))
-    ctx.run.log_metrics({k: out[k] for k in keys} | {"images_per_s": out["images_per_s"]})
+    # `fid` and `clip` under the same names as every other run (MLflow's compare view lines them up): COCO's
+    ctx.run.log_metrics({k: out[k] for k in keys} | {"fid": out["coco_fid"], "clip": out["coco_clip"],
+                                                     "images_per_s": out["images_per_s"]})
     ctx.run.log_artifact(grid, "samples")
     ctx.run.log_artifact(row, "samples")
     shown = ", ".join(f"{k} {out[k]:.3f}" for k in keys if k.endswith(("_fid", "_clip")))

@@ -471,3 +471,27 @@ def test_fault_harness_sweep_stage(repos):
     work, env = _job(repos, "sweep")
     results = _fault_harness(work, env, "sweep", seed=3)
     assert len(results) == 1
+
+
+# CI only: the scale-out path on localhost (scripts/scaleout_check.py): an `mlflow server` as the tracking URI,
+# 4 experiments queued with `dvc exp run --queue` and run by `dvc queue start -j 2`, every stage run logged on
+# the server with its experiment's name, then `dvc push --run-cache` to a local DVC remote and a fresh clone
+# that pulls and reproduces without running a stage.
+
+@pytest.mark.ci
+def test_scaleout_mlflow_server_queue_and_dvc_remote(micro_repo, tmp_path):
+    work, env, _ = micro_repo
+    summary = tmp_path / "scaleout.json"
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "scaleout_check.py"), str(work),
+                          "--tmp", str(tmp_path / "scaleout"), "--summary", str(summary)],
+                         env={**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=1800)
+    assert out.returncode == 0 and summary.exists(), f"{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
+    s = json.loads(summary.read_text())
+    print("\nscale-out:", json.dumps(s)[:3000])
+    assert s["ok"] is True
+    assert s["queued"] == s["succeeded"] == 4 and s["failed"] == 0
+    assert s["mlflow_runs"] == s["mlflow_runs_expected"] == 12 and s["distinct_dvc_exp"] == 4  # 3 stages x 4, none lost
+    assert s["parallel"]["max_concurrent_experiments"] == 2
+    assert s["outputs_clone"] == s["outputs_original"] and s["outputs_clone"]["present"] == s["outputs_clone"]["outs"]
+    assert s["recomputed_stages_in_clone"] == 0 and s["clone_repro"]["dvc_status_clean"]
