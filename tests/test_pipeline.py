@@ -434,7 +434,9 @@ FAULT_STAGES = {
 def _fault_harness(work: Path, env: dict, key: str, seed: int) -> list[dict]:
     copy = work.with_name(f"{work.name}-faults-{key}")
     shutil.copytree(work, copy, symlinks=True)
-    fenv = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{copy / 'mlflow.db'}"}
+    # one thread, as the uninterrupted runs had: another thread count changes float sums, hence the bits
+    fenv = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{copy / 'mlflow.db'}", "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "fault_harness.py"), *FAULT_STAGES[key],
                           "--seed", str(seed), "--json", "faults.json"], cwd=copy, env=fenv, capture_output=True,
                          text=True, timeout=1800)
@@ -481,8 +483,11 @@ def test_fault_harness_sweep_stage(repos):
 @pytest.mark.ci
 def test_scaleout_mlflow_server_queue_and_dvc_remote(micro_repo, tmp_path):
     work, env, _ = micro_repo
+    repo = tmp_path / "repo"  # the reproduced state: earlier tests rewrote some outputs (e.g. the SIGKILL test's)
+    shutil.copytree(work, repo, symlinks=True)
+    _run([sys.executable, "-m", "dvc", "checkout", "--force", "report", "--with-deps"], repo, env)
     summary = tmp_path / "scaleout.json"
-    out = subprocess.run([sys.executable, str(REPO / "scripts" / "scaleout_check.py"), str(work),
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "scaleout_check.py"), str(repo),
                           "--tmp", str(tmp_path / "scaleout"), "--summary", str(summary)],
                          env={**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}, capture_output=True, text=True,
                          timeout=1800)

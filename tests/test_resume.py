@@ -217,7 +217,7 @@ def test_killed_run_is_closed_and_linked_to_the_resumed_one(workdir):
                           text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL
     killed_id = proc.stdout.split()[0]
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])  # not another test's global URI
     assert client.get_run(killed_id).info.status == "RUNNING"  # what MLflow shows until someone closes it
     with stage_run("evaluate", "micro", item="merged") as other:  # another stage: not a resume of it
         pass
@@ -245,7 +245,8 @@ def test_merged_model_is_registered_per_profile(workdir):
         with stage_run("merge", "micro") as run:
             versions.append(run.register_model(folder, "micro-merged", tags={"weights": [0.5, 1.0]}))
     assert versions == ["1", "2"]
-    mv = mlflow.MlflowClient().get_model_version("micro-merged", "2")
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    mv = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version("micro-merged", "2")
     assert mv.tags["weights"] == "[0.5, 1.0]" and mv.run_id == run.id
 
 
