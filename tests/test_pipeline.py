@@ -274,6 +274,25 @@ def test_finetune_param_makes_exactly_its_dependents_stale(micro_repo):
     assert _stale(work, env) == set()
 
 
+class _Restoring:
+    """Put files and folders back as they were when the block ends (a test that reruns a stage must not leave
+    the shared reproduced repository changed for the tests after it)."""
+
+    def __init__(self, work: Path, *paths: str):
+        self.files = {}
+        for rel in paths:
+            p = work / rel
+            self.files.update({f: f.read_bytes() for f in ([p] if p.is_file() else sorted(p.rglob("*"))) if f.is_file()})
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for f, data in self.files.items():
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_bytes(data)
+
+
 def _params_with(work: Path, name: str, **sections) -> Path:
     """A copy of the micro params.yaml with some keys overridden (section -> {key: value})."""
     from deme.config import deep_update, read_params
@@ -318,16 +337,15 @@ def test_two_process_training_runs(micro_repo):
     work, env, _ = micro_repo
     params = _params_with(work, "params-ddp.yaml", runtime={"num_processes": 2})
     target = work / "models/micro/deme/interval-1"
-    saved = {p: p.read_bytes() for p in target.iterdir()}
-    _run([sys.executable, "-m", "deme.launch", "stages/finetune.py", "--interval", "1", "--params", params.name],
-         work, env)
-    from deme.models import load_model, model_meta
+    with _Restoring(work, "models/micro/deme/interval-1", "metrics/micro/train/interval-1.json",
+                    "plots/micro/finetune-interval-1.csv"):
+        _run([sys.executable, "-m", "deme.launch", "stages/finetune.py", "--interval", "1", "--params", params.name],
+             work, env)
+        from deme.models import load_model, model_meta
 
-    assert load_model(target) is not None and model_meta(target)["interval"] == 1
-    runs = [r for r in _runs(work) if r.data.tags.get("num_processes") == "2" and r.data.tags["stage"] == "finetune"]
-    assert len(runs) == 1 and "loss" in runs[0].data.metrics
-    for p, data in saved.items():
-        p.write_bytes(data)
+        assert load_model(target) is not None and model_meta(target)["interval"] == 1
+        runs = [r for r in _runs(work) if r.data.tags.get("num_processes") == "2" and r.data.tags["stage"] == "finetune"]
+        assert len(runs) == 1 and "loss" in runs[0].data.metrics
 
 
 def test_killed_finetuning_resumes_to_the_uninterrupted_weights(micro_repo):
@@ -341,6 +359,7 @@ def test_killed_finetuning_resumes_to_the_uninterrupted_weights(micro_repo):
     work, env, _ = micro_repo
     params = _params_with(work, "params-kill.yaml", finetune={"iterations": 80, "ckpt_every": 10, "log_every": 10},
                           runtime={"num_threads": 1})
+    restore = _Restoring(work, "models/micro/plain", "metrics/micro/train/plain.json", "plots/micro/finetune-plain.csv")
     cmd = [sys.executable, "stages/finetune.py", "--method", "plain", "--params", params.name]
     out = work / "models/micro/plain/seed-0/diffusion_pytorch_model.safetensors"
     state = work / ".ckpt/micro/finetune-plain-seed0/state.json"
@@ -365,6 +384,7 @@ def test_killed_finetuning_resumes_to_the_uninterrupted_weights(micro_repo):
     assert after.keys() == reference.keys()
     assert all(bool((after[k] == reference[k]).all()) for k in reference)
     assert not state.parent.exists(), "the checkpoint is cleared after a finished run"
+    restore.__exit__()
 
 
 # ----------------------------------------------------------------------------------------------------
