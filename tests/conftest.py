@@ -106,3 +106,14 @@ def random_images():
     """uint8 [32, 8, 8, 3] images."""
     g = torch.Generator().manual_seed(123)
     return torch.randint(0, 256, (32, 8, 8, 3), generator=g, dtype=torch.uint8)
+
+
+@pytest.fixture(scope="module")
+def spaces():
+    """Two small FID feature spaces (seeded FeatNets of 6 and 5 features) under clean-fid mode names."""
+    from deme.metrics.featnet import FeatNet
+    from deme.metrics.fid import FeatureSpace
+
+    torch.manual_seed(0)
+    return {"clean": FeatureSpace(FeatNet(width=4, feature_dim=6).eval(), "a", "0" * 64),
+            "other": FeatureSpace(FeatNet(width=4, feature_dim=5).eval(), "b", "1" * 64)}

@@ -9,8 +9,7 @@ import torch
 from conftest import make_tiny_unet, randomize_
 from deme.config import config_from_mapping
 from deme.distributed import Dist, batch_ranges, gather_batches, my_batches
-from deme.metrics.featnet import FeatNet
-from deme.metrics.fid import FeatureSpace, Stats
+from deme.metrics.fid import Stats
 
 CPU = torch.device("cpu")
 
@@ -19,14 +18,6 @@ CPU = torch.device("cpu")
 def cfg():
     return config_from_mapping({"profile": "micro", "data": {"resolution": 8},
                                 "sample": {"steps": 3, "eta": 0.0, "batch_size": 8, "num_samples": 20}})
-
-
-@pytest.fixture(scope="module")
-def spaces():
-    torch.manual_seed(0)
-    a = FeatureSpace(FeatNet(width=4, feature_dim=6).eval(), "a", "0" * 64)
-    b = FeatureSpace(FeatNet(width=4, feature_dim=5).eval(), "b", "1" * 64)
-    return {"clean": a, "other": b}
 
 
 def test_sample_features_all_spaces_keep_and_pngs(cfg, spaces, tmp_path):

@@ -16,8 +16,6 @@ import torch
 
 from conftest import make_tiny_unet, randomize_
 from deme.config import config_from_mapping
-from deme.metrics.featnet import FeatNet
-from deme.metrics.fid import FeatureSpace
 from deme.resume import ScoreLog, Shards, state_digest
 
 CPU = torch.device("cpu")
@@ -99,13 +97,6 @@ def test_score_log_survives_a_line_cut_by_a_kill(tmp_path):
 def cfg():
     return config_from_mapping({"profile": "micro", "data": {"resolution": 8},
                                 "sample": {"steps": 3, "eta": 0.0, "batch_size": 4, "num_samples": 18}})
-
-
-@pytest.fixture(scope="module")
-def spaces():
-    torch.manual_seed(0)
-    return {"clean": FeatureSpace(FeatNet(width=4, feature_dim=6).eval(), "a", "0" * 64),
-            "other": FeatureSpace(FeatNet(width=4, feature_dim=5).eval(), "b", "1" * 64)}
 
 
 def test_interrupted_evaluation_resumes_to_the_same_features(cfg, spaces, tmp_path, monkeypatch):
