@@ -177,7 +177,7 @@ class TrainConfig:
     batch_size: int = 64  # micro-batch
     grad_accum: int = 1
     lr: float = 2e-4
-    lr_schedule: str = "constant"  # constant (PAPER.md §1.6) | cosine (decay to 0; the tiny pretraining)
+    lr_schedule: str = "constant"  # constant (PAPER.md §1.6) | cosine (decay to 0) | rsqrt (1/sqrt(step/lr_warmup))
     lr_warmup: int = 0  # linear warm-up steps
     betas: list[float] = field(default_factory=lambda: [0.95, 0.999])
     weight_decay: float = 1e-6
@@ -197,7 +197,9 @@ class TrainConfig:
         _check(f"{k}.batch_size", self.batch_size >= 1, f"must be >= 1, got {self.batch_size}")
         _check(f"{k}.grad_accum", self.grad_accum >= 1, f"must be >= 1, got {self.grad_accum}")
         _check(f"{k}.lr", 0 < self.lr < 1, f"must be in (0, 1), got {self.lr}")
-        _choice(f"{k}.lr_schedule", self.lr_schedule, ("constant", "cosine"))
+        _choice(f"{k}.lr_schedule", self.lr_schedule, ("constant", "cosine", "rsqrt"))
+        _check(f"{k}.lr_warmup", self.lr_schedule != "rsqrt" or self.lr_warmup >= 1,
+               "must be >= 1 with lr_schedule rsqrt (it is the decay's reference step)")
         _check(f"{k}.lr_warmup", 0 <= self.lr_warmup < self.iterations, "must be in [0, iterations)")
         _check(f"{k}.betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
                f"must be two numbers in [0, 1), got {self.betas}")

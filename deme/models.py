@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from deme.config import Config
-from deme.io import atomic_dir, git_commit, read_json, write_json
+from deme.io import atomic_dir, read_json, write_json
 from deme.projection import add_channel_projection, has_channel_projection
 from deme.schedule import make_scheduler
 
@@ -44,7 +44,7 @@ def save_model(model: nn.Module, path: str | Path, cfg: Config, **meta: Any) -> 
         model.save_pretrained(tmp, safe_serialization=True)
         make_scheduler(cfg.schedule).save_pretrained(tmp)
         info = {"profile": cfg.profile, "channel_projection": has_channel_projection(model),
-                "parameters": count_parameters(model), "git_commit": git_commit(), **meta}
+                "parameters": count_parameters(model), **meta}
         write_json(Path(tmp) / META, info)
 
 

@@ -61,6 +61,16 @@ class Paths:
         return self._p("models", self.profile, "pretrained")
 
     @property
+    def published(self) -> Path:
+        """A profile's published pretrained checkpoint, kept in git (checkpoints/<profile>/MODEL_CARD.md)."""
+        return self._p("checkpoints", self.profile)
+
+    @property
+    def from_scratch(self) -> Path:
+        """checkpoints/dvc.yaml's re-run of a published pretraining: model/, curve.csv, metrics.json."""
+        return self._p("models", self.profile, "from-scratch")
+
+    @property
     def deme_dir(self) -> Path:
         return self._p("models", self.profile, "deme")
 

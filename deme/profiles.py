@@ -28,8 +28,10 @@ _TINY = {
     "seed": 0,
     "data": {"kind": "shapes", "resolution": 16, "num_train": 10_000, "num_ref": 2_000, "path": "",
              "ref_path": "", "format": "auto", "crop": "random", "on_corrupt": "skip"},
+    # The stand-in for google/ddpm-cifar10-32: published in checkpoints/tiny (its MODEL_CARD.md), made by the
+    # suite's own pretraining with `pretrain.*` below (`dvc repro checkpoints/dvc.yaml` re-creates it).
     "model": {
-        "source": "train", "pretrained_id": "", "local_path": "",
+        "source": "hub", "pretrained_id": "", "local_path": "checkpoints/tiny/pretrained",
         "unet": {"block_out_channels": [16, 32, 64], "layers_per_block": 1,
                  "down_block_types": ["DownBlock2D"] * 3, "up_block_types": ["UpBlock2D"] * 3,
                  "norm_num_groups": 8, "flip_sin_to_cos": True, "freq_shift": 0, "norm_eps": 1e-5,
@@ -37,12 +39,13 @@ _TINY = {
     },
     "schedule": {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
                  "beta_schedule": "linear", "prediction_type": "epsilon", "clip_sample": True},
-    # The stand-in for google/ddpm-cifar10-32: trained from scratch, deliberately short (good, not perfect).
-    "pretrain": {"iterations": 2000, "batch_size": 64, "grad_accum": 1, "lr": 1e-3, "lr_schedule": "constant",
-                 "lr_warmup": 0, "betas": [0.9, 0.999],
-                 "weight_decay": 0.0, "eps": 1e-8, "clip_grad_norm": 1.0, "ema_max_decay": 0.999,
-                 "ema_power": 0.75, "ema_inv_gamma": 1.0, "precision": "fp32", "log_every": 50,
-                 "ckpt_every": 500, "eval_every": 0, "eval_samples": 5000},
+    # The published pretraining (checkpoints/dvc.yaml): trained to convergence, rsqrt LR decay (EDM2) so one run
+    # gives the FID-vs-steps curve, FID of the EMA model on 800 fixed seeds every 1000 steps.
+    "pretrain": {"iterations": 16000, "batch_size": 64, "grad_accum": 1, "lr": 1e-3, "lr_schedule": "rsqrt",
+                 "lr_warmup": 500, "betas": [0.9, 0.999],
+                 "weight_decay": 0.0, "eps": 1e-8, "clip_grad_norm": 1.0, "ema_max_decay": 0.9999,
+                 "ema_power": 0.75, "ema_inv_gamma": 1.0, "precision": "fp32", "log_every": 100,
+                 "ckpt_every": 500, "eval_every": 1000, "eval_samples": 800},
     "featnet": {"iterations": 800, "batch_size": 128, "lr": 2e-3, "width": 32, "feature_dim": 64},
     # One budget shared by DeMe (per interval) and the plain control (N x iterations), PAPER.md §1.6.
     "finetune": {"iterations": 100, "batch_size": 64, "grad_accum": 1, "lr": 2e-4, **_FINETUNE_OPTIM,
@@ -61,10 +64,8 @@ _TINY = {
                   "difftuning": {"variant": "buffer", "buffer_size": 1000, "buffer_steps": 50, "kd_weight": 0.05}},
     "merge": {"search": "coordinate", "coarse": [0.0, 0.5, 1.0], "refine_step": 0.25, "refine_rounds": 1,
               "start": 1.0, "bounds": [0.0, 1.5], "proxy_samples": 192},
-    # DDIM-50 as in the paper, but eta = 1 on tiny: the short-trained stand-in's x0 predictions at t >= 900
-    # are worse than the data mean, and deterministic DDIM (eta 0) turns that into grey backgrounds
-    # (measured: pretrained FID 503 at eta 0 vs 327 at eta 1). Real profiles use eta 0 (PAPER.md §1.9).
-    "sample": {"sampler": "ddim", "steps": 50, "eta": 1.0, "batch_size": 200, "num_samples": 800,
+    # DDIM-50 with eta = 0, as in the paper (arXiv 2410.06664, Sec. 4.1).
+    "sample": {"sampler": "ddim", "steps": 50, "eta": 0.0, "batch_size": 200, "num_samples": 800,
                "grid_size": 64, "precision": "fp32", "save_images": False},
     "fid": {"feature_net": "featnet", "modes": ["clean"], "reference": "ref", "builtin": "", "reference_samples": 0,
             "inception_weights": "", "batch_size": 500},
@@ -117,7 +118,9 @@ def _micro() -> dict:
     p["data"].update(num_train=512, num_ref=256)
     p["model"]["unet"].update(block_out_channels=[8, 16], down_block_types=["DownBlock2D"] * 2,
                               up_block_types=["UpBlock2D"] * 2, norm_num_groups=4)
-    p["pretrain"].update(iterations=40, batch_size=32, log_every=10, ckpt_every=20)
+    p["model"].update(source="train", local_path="")
+    p["pretrain"].update(iterations=40, batch_size=32, lr_schedule="constant", lr_warmup=0, ema_max_decay=0.999,
+                         log_every=10, ckpt_every=20, eval_every=0)
     p["featnet"].update(iterations=40, batch_size=64, width=8, feature_dim=16)
     p["finetune"].update(iterations=6, batch_size=16, log_every=2, ckpt_every=3)
     p["deme"]["intervals"] = [1, 2]
@@ -213,9 +216,10 @@ def _tiny_t2i() -> dict:
     trained on the captions for the CLIP score."""
     q = copy.deepcopy(_TINY)
     q.update(profile="tiny_t2i", task="t2i")
-    del q["model"]["unet"]  # the UNet2DConditionModel is pipeline.unet
+    q["model"] = {"source": "train", "pretrained_id": "", "local_path": ""}  # pipeline.unet is the UNet
     q["schedule"] = dict(_SD_SCHEDULE)
-    q["pretrain"].update(iterations=800, batch_size=64, lr=1e-3)
+    q["pretrain"].update(iterations=800, batch_size=64, lr=1e-3, lr_schedule="constant", lr_warmup=0,
+                         ema_max_decay=0.999, log_every=50, eval_every=0, eval_samples=5000)
     q["featnet"].update(iterations=400)
     q["finetune"].update(iterations=25, batch_size=32, log_every=25, ckpt_every=25)
     q["deme"]["p"] = 0.3  # the SD setting (PAPER.md §1.6)

@@ -153,7 +153,7 @@ def save_pipeline(path: str | Path, unet: nn.Module, comps: Components, cfg: Con
     """Write a StableDiffusionPipeline folder (safetensors) atomically, plus deme.json in unet/."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
-    from deme.io import atomic_dir, git_commit, write_json
+    from deme.io import atomic_dir, write_json
     from deme.models import META, count_parameters
 
     sched = PNDMScheduler.from_config({k: v for k, v in comps.scheduler_config.items() if not k.startswith("_")})
@@ -163,7 +163,7 @@ def save_pipeline(path: str | Path, unet: nn.Module, comps: Components, cfg: Con
     with atomic_dir(path) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         write_json(Path(tmp) / "unet" / META, {"profile": cfg.profile, "channel_projection": False,
-                                               "parameters": count_parameters(unet), "git_commit": git_commit(),
+                                               "parameters": count_parameters(unet),
                                                "scaling_factor": comps.scaling_factor, **meta})
 
 

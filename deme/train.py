@@ -71,11 +71,15 @@ class BatchStream:
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of the base LR at optimizer step ``step``: linear warm-up, then constant or cosine to 0."""
+    """Multiplier of the base LR at optimizer step ``step``: linear warm-up, then constant, cosine to 0, or
+    rsqrt: 1/sqrt(step / lr_warmup) after the warm-up (EDM2, Karras et al. 2024, Eq. 16), which does not depend on
+    ``iterations``, so a longer run repeats a shorter one's steps exactly and its FID-vs-steps curve is one run."""
     if step < cfg.lr_warmup:
         return (step + 1) / cfg.lr_warmup
     if cfg.lr_schedule == "constant":
         return 1.0
+    if cfg.lr_schedule == "rsqrt":
+        return 1.0 / math.sqrt(max(step / cfg.lr_warmup, 1.0))
     progress = (step - cfg.lr_warmup) / max(1, cfg.iterations - cfg.lr_warmup)
     return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 

@@ -127,6 +127,18 @@ def pretrain_t2i(ctx):
         ctx.wrote(p)
 
 
+def fid_scorer(cfg, device, num_samples: int):
+    """(EMA model, step) -> {"fid": ...}: FID of `num_samples` samples with the profile's sampler, from the same
+    "curve" seeds at every step (common random numbers: the curve's steps differ by the model only)."""
+    from deme.evaluation import feature_spaces, fid_of_model, load_references
+    from deme.io import sample_seeds
+
+    spaces = feature_spaces(cfg, device, headline=True)
+    refs = load_references(cfg, spaces)
+    seeds = sample_seeds("curve", num_samples, cfg.seed)
+    return lambda model, step: {"fid": fid_of_model(model, seeds, cfg, spaces, refs, device, f"FID @{step}")}
+
+
 def body(ctx):
     import json
     import time
@@ -143,33 +155,49 @@ def body(ctx):
     from deme.train import clear_checkpoint, train
 
     cfg, paths = ctx.cfg, Paths(ctx.cfg.profile)
+    scratch = ctx.args.from_scratch
     if cfg.task == "t2i":
         return pretrain_t2i(ctx)
-    if cfg.model.source == "hub":
+    if cfg.model.source == "hub" and not scratch:
         return import_checkpoint(ctx)
+    label = "pretrain-from-scratch" if scratch else "pretrain"
+    out, curve_csv, metrics_json = ((paths.from_scratch / "model", paths.from_scratch / "curve.csv",
+                                     paths.from_scratch / "metrics.json") if scratch else
+                                    (paths.pretrained, paths.curve("pretrain"), paths.metrics("train", "pretrain")))
     images = load_images(paths.train)
     seed = derive_seed(cfg.seed, "pretrain")
     torch.manual_seed(seed)
     model = build_unet(cfg)
     ctx.note(f"UNet2DModel with {count_parameters(model):,} parameters")
     objective = EpsObjective(alphas_cumprod(cfg.schedule).float(), 0, cfg.schedule.num_train_timesteps)
-    curve, ckpt = CurveLog(ctx.run), paths.ckpt("pretrain")
+    curve, ckpt = CurveLog(ctx.run), paths.ckpt(label)
+    evaluate = fid_scorer(cfg, ctx.device, cfg.pretrain.eval_samples) if cfg.pretrain.eval_every else None
+    settings = cfg.to_dict()
     t0 = time.perf_counter()
     model = train(model, objective, images, cfg.pretrain, seed=seed, device=ctx.device, ckpt_dir=ckpt,
-                  fingerprint=json.dumps([cfg.to_dict()["pretrain"], cfg.to_dict()["model"], seed]),
-                  log=curve, desc="pretrain")
+                  fingerprint=json.dumps([settings["pretrain"], settings["model"], settings["schedule"],
+                                          settings["sample"] if evaluate else None, seed]),
+                  log=curve, desc=label, evaluate=evaluate)
     wall = time.perf_counter() - t0
-    save_model(model, paths.pretrained, cfg, method="pretrain", seed=seed, steps=cfg.pretrain.iterations)
-    curve.save(paths.curve("pretrain"))
-    write_json(paths.metrics("train", "pretrain"), {"loss": curve.rows[-1]["loss"], "wall_s": wall,
-                                                    "iterations": cfg.pretrain.iterations,
-                                                    "parameters": count_parameters(model)})
+    save_model(model, out, cfg, method="pretrain", seed=seed, steps=cfg.pretrain.iterations)
+    curve.save(curve_csv)
+    last = next(r["loss"] for r in reversed(curve.rows) if "loss" in r)
+    fid_curve = [[r["step"], r["fid"]] for r in curve.rows if "fid" in r]
+    write_json(metrics_json, {"loss": last, "wall_s": wall, "iterations": cfg.pretrain.iterations,
+                                               "parameters": count_parameters(model), "threads": torch.get_num_threads(),
+                                               **({"fid_curve": fid_curve} if fid_curve else {})})
     clear_checkpoint(ckpt)
-    for p in (paths.pretrained, paths.curve("pretrain"), paths.metrics("train", "pretrain")):
+    for p in (out, curve_csv, metrics_json):
         ctx.wrote(p)
 
 
+def add_args(ap):
+    ap.add_argument("--from-scratch", action="store_true",
+                    help="train the profile's UNet from scratch with `pretrain.*` even where the profile imports a "
+                         "published checkpoint (checkpoints/dvc.yaml: how the published checkpoint was made)")
+
+
 if __name__ == "__main__":
-    sys.exit(run_stage("pretrain", __doc__, body,
+    sys.exit(run_stage("pretrain", __doc__, body, add_args=add_args,
                        params=lambda c, a: {k: c.to_dict()[k] for k in ("seed", "model", "schedule", "pretrain")
                                             + (("pipeline",) if c.task == "t2i" else ())}))
