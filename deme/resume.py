@@ -64,6 +64,23 @@ def file_id(path: str | Path) -> list:
     return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files if p.exists()]
 
 
+def content_id(path: str | Path, limit: int = 1 << 30) -> list | str:
+    """sha256 of a file or folder up to ``limit`` bytes in all (a DVC checkout that rewrites a file changes its
+    modification time, not its bytes); ``file_id`` above that."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    files = [p for p in files if p.exists()]
+    if sum(p.stat().st_size for p in files) > limit:
+        return file_id(path)
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 def fingerprint_of(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -88,7 +88,7 @@ def train(model: nn.Module, objective, images, cfg: TrainConfig, *, seed: int,
           device: torch.device, ckpt_dir: str | Path | None = None, fingerprint: str = "",
           log: LogFn | None = None, desc: str = "train", evaluate: EvalFn | None = None,
           channels_last: bool = False, compile: bool = False,
-          condition: Callable[[torch.Tensor], dict] | None = None) -> nn.Module:
+          condition: Callable[[torch.Tensor], dict] | None = None, keep_final: bool = False) -> nn.Module:
     """Train ``model`` with ``objective`` for ``cfg.iterations`` optimizer steps; return the EMA model.
 
     ``images``: uint8 [n, H, W, 3] (tensor or memmap), or a stream factory ``(batch_size, seed) -> stream``
@@ -98,7 +98,8 @@ def train(model: nn.Module, objective, images, cfg: TrainConfig, *, seed: int,
     Under ``accelerate launch`` every process trains on its own data stream (seeded by its rank) and
     gradients are averaged (DDP); only the main process logs and writes checkpoints. ``evaluate`` is called
     on every process with the EMA weights every ``cfg.eval_every`` steps (e.g. the FID-5K curve of
-    PAPER.md §1.6); its metrics are logged at that step.
+    PAPER.md §1.6); its metrics are logged at that step. ``keep_final``: also checkpoint the last step, so a
+    longer run with the same settings (a schedule that does not depend on ``iterations``) continues from it.
     """
     from accelerate import Accelerator
     from diffusers.training_utils import EMAModel
@@ -187,7 +188,8 @@ def train(model: nn.Module, objective, images, cfg: TrainConfig, *, seed: int,
                 log(metrics, done)
                 history.append((done, metrics))
             window, t0, seen = {}, time.perf_counter(), 0
-        if ckpt_dir and done % cfg.ckpt_every == 0 and done < cfg.iterations and acc.is_main_process:
+        if (ckpt_dir and acc.is_main_process and ((done % cfg.ckpt_every == 0 and done < cfg.iterations)
+                                                   or (keep_final and done == cfg.iterations))):
             _save_checkpoint(ckpt_dir, done, fingerprint, acc.unwrap_model(model), ema, optimizer, objective,
                              acc.scaler, history, window)
     bar.close()

@@ -58,13 +58,14 @@ def eval_set(cfg, paths):
     return x0, noise
 
 
-def interval_models(cfg, paths):
+def interval_models(cfg, paths, seed: int = 0):
+    """The interval models of one training seed (the analyses use the first)."""
     from deme.models import load_model
 
-    missing = [str(paths.interval(i)) for i in cfg.deme.intervals if not paths.interval(i).exists()]
+    missing = [str(paths.interval(i, seed)) for i in cfg.deme.intervals if not paths.interval(i, seed).exists()]
     if missing:
         raise StageError(f"{', '.join(missing)}: interval model missing; make it with: dvc repro finetune")
-    return {f"I{i}": load_model(paths.interval(i)) for i in cfg.deme.intervals}
+    return {f"I{i}": load_model(paths.interval(i, seed)) for i in cfg.deme.intervals}
 
 
 def base_state(cfg):
@@ -80,9 +81,9 @@ def base_state(cfg):
 def merge_weights(paths):
     from deme.models import model_meta
 
-    if not paths.merged.exists():
-        raise StageError(f"{paths.merged}: merged model missing; make it with: dvc repro merge")
-    return model_meta(paths.merged)["weights"]
+    if not paths.merged(0).exists():
+        raise StageError(f"{paths.merged(0)}: merged model missing; make it with: dvc repro merge")
+    return model_meta(paths.merged(0))["weights"]
 
 
 def shards(ctx, what, *models, **more):
@@ -172,12 +173,16 @@ def compute(ctx, what):
 
         base = base_state(cfg).state_dict()
         models = {k: m.state_dict() for k, m in interval_models(cfg, paths).items()}
-        images = load_images(paths.train)
         floor = {}
-        for i in a.floor_intervals:  # the same interval trained again with another seed (PAPER.md §4 Fig. 7)
-            twin = train_interval(cfg, i, images, ctx.device, paths.ckpt(f"analysis-seed2-{i}"), seed_tag=("seed", 2),
-                                  desc=f"interval {i}, second seed (Fig. 7 floor)")
-            floor[f"I{i}"] = (models[f"I{i}"], twin.state_dict())
+        if cfg.deme.seeds >= 2:  # the seed floor: each interval's first two training seeds
+            second = interval_models(cfg, paths, seed=1)
+            floor = {k: (models[k], m.state_dict()) for k, m in second.items()}
+        else:  # the same interval trained again with another seed (arXiv 2410.06664, Fig. 7)
+            images = load_images(paths.train)
+            for i in a.floor_intervals:
+                twin = train_interval(cfg, i, images, ctx.device, paths.ckpt(f"analysis-seed2-{i}"),
+                                      seed_tag=("seed", 2), desc=f"interval {i}, second seed (Fig. 7 floor)")
+                floor[f"I{i}"] = (models[f"I{i}"], twin.state_dict())
         bounds = [interval_bounds(i, N, T) for i in cfg.deme.intervals]
         out = {**compute_layer_stats(base, models, bounds, T), **compute_cosines(base, models, floor)}
         out["norms"] = np.sqrt((out["l2"] ** 2).sum(1))
@@ -207,7 +212,7 @@ def extra_models(cfg, what):
     """The .ckpt/ labels of the interval models an analysis trains itself (Fig. 2 without CP, Fig. 7's twins)."""
     if what == "activations":
         return [f"analysis-nocp-{cfg.analysis.activation_interval or cfg.deme.n}"]
-    if what == "taskvec":
+    if what == "taskvec" and cfg.deme.seeds < 2:
         return [f"analysis-seed2-{i}" for i in cfg.analysis.floor_intervals]
     return []
 

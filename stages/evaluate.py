@@ -36,23 +36,53 @@ def add_args(ap):
 
 
 def load(name, cfg, paths):
-    """The models to evaluate: one, or one per training seed of a single-model method."""
+    """The models to evaluate, one per training seed (one for the pretrained model)."""
     from deme.models import CheckpointError, load_model, load_pretrained
     from deme.sample import Ensemble
 
     if name == "pretrained":
         return [load_pretrained(cfg)]
-    if name == "ensemble":
-        return [Ensemble([load_model(paths.interval(i)) for i in cfg.deme.intervals],
-                         cfg.schedule.num_train_timesteps)]
-    if name == "merged":
-        return [load_model(paths.merged)]
-    seeds = [paths.method(name) / f"seed-{s}" for s in range(cfg.baselines.seeds)]
-    missing = [str(p) for p in seeds if not p.exists()]
+    if name in ("ensemble", "merged"):
+        folders = [[paths.interval(i, s) for i in cfg.deme.intervals] if name == "ensemble" else [paths.merged(s)]
+                   for s in range(cfg.deme.seeds)]
+    else:
+        from deme.objectives import method_seeds
+
+        folders = [[paths.method(name) / f"seed-{s}"] for s in range(method_seeds(cfg, name))]
+    missing = [str(p) for group in folders for p in group if not p.exists()]
     if missing:
-        raise CheckpointError(f"{', '.join(missing)}: model missing (baselines.seeds={cfg.baselines.seeds}); "
-                              f"make it with: dvc repro")
-    return [load_model(p) for p in seeds]
+        raise CheckpointError(f"{', '.join(missing)}: model missing (deme.seeds={cfg.deme.seeds}, baselines.seeds="
+                              f"{cfg.baselines.seeds}); make it with: dvc repro")
+    if name == "ensemble":
+        return [Ensemble([load_model(p) for p in group], cfg.schedule.num_train_timesteps) for group in folders]
+    return [load_model(group[0]) for group in folders]
+
+
+def scale_search(ctx, name, models, spaces):
+    """A single-model method gets the merge's search on its one task vector, theta + w tau (the same proxy
+    samples, search reference and search settings as DeMe's N weights), so a scale found by search is not
+    credited to decoupling. Returns the scaled models and, per seed, (w, proxy FID)."""
+    from deme.evaluation import fid_of_model, load_references
+    from deme.io import sample_seeds
+    from deme.merge import Scorer, merged_model, search, task_vector
+    from deme.models import load_pretrained
+
+    cfg = ctx.cfg
+    base = load_pretrained(cfg)
+    head = {m: spaces[m] for m in list(spaces)[:1]}
+    refs = load_references(cfg, head, search=True)
+    seeds = sample_seeds("search", cfg.merge.proxy_samples, cfg.seed)
+    out, found = [], []
+    for k, model in enumerate(models):
+        vector = [task_vector(model.state_dict(), base.state_dict())]
+        scorer = Scorer(lambda w: fid_of_model(merged_model(base, vector, w), seeds, cfg, head, refs, ctx.device,
+                                               desc=f"{name} seed {k} scale candidate"))
+        best = search(scorer, 1, cfg.merge)
+        ctx.note(f"{name} seed {k}: searched scale w = {best[0]:.3f} (proxy FID {scorer.cache[best]:.4f}; "
+                 f"w = 1: {scorer.cache.get((1.0,), float('nan')):.4f})")
+        out.append(merged_model(base, vector, best))
+        found.append((best[0], scorer.cache[best]))
+    return out, found
 
 
 def rate(images_per_s):
@@ -82,8 +112,9 @@ def evaluate_t2i(ctx):
     import numpy as np
 
     from deme.evaluation import describe, feature_spaces
-    from deme.io import write_json
+    from deme.io import atomic_write_npz, write_json
     from deme.metrics.clip import load_clip
+    from deme.stats import estimate, mean_estimate
     from deme.metrics.fid import Stats, fid_of_features
     from deme.models import count_parameters
     from deme.paths import Paths
@@ -98,7 +129,7 @@ def evaluate_t2i(ctx):
     headline = next(iter(spaces))
     sets = {bench: load_prompt_set(paths, bench) for bench in BENCHMARKS}
     per_seed, wall, images = [], 0.0, {}
-    n_images = 0
+    n_images, bench_feats, clips = 0, {b: [] for b, has_fid in BENCHMARKS.items() if has_fid}, {b: [] for b in BENCHMARKS}
     for k, model in enumerate(models):
         scores = {}
         for bench, has_fid in BENCHMARKS.items():
@@ -114,7 +145,9 @@ def evaluate_t2i(ctx):
             wall += time.perf_counter() - t0
             n_images += len(prompts) * done.fresh_fraction()  # a resumed run's rate counts what it sampled
             scores[f"{bench}_clip"] = float(np.mean(res["clip"]))
+            clips[bench].append(np.asarray(res["clip"], np.float64))
             if has_fid:
+                bench_feats[bench].append(np.asarray(res["features"][headline], np.float32))
                 for mode, feats in res["features"].items():
                     scores[f"{bench}_fid_{mode}"] = fid_of_features(feats, Stats.load(paths.bench_stats(bench, mode)))
                 scores[f"{bench}_fid"] = scores[f"{bench}_fid_{headline}"]
@@ -127,6 +160,16 @@ def evaluate_t2i(ctx):
     out = {key: float(np.mean([s[key] for s in per_seed])) for key in keys}
     out.update({f"{key}_std": float(np.std([s[key] for s in per_seed], ddof=1)) if len(per_seed) > 1 else 0.0
                 for key in keys})
+    # 95 % intervals over training seeds and prompts (deme/stats.py): FID per benchmark, CLIP score per benchmark
+    for bench, feats in bench_feats.items():
+        est = estimate(feats, Stats.load(paths.bench_stats(bench, headline)), reps=cfg.fid.bootstrap, seed=cfg.seed)
+        out.update({f"{bench}_fid_lo": est.lo, f"{bench}_fid_hi": est.hi, f"{bench}_fid_se_eval": est.se_eval,
+                    f"{bench}_fid_se_seed": est.se_seed})
+    for bench, values in clips.items():
+        est = mean_estimate(values, reps=cfg.fid.bootstrap, seed=cfg.seed)
+        out.update({f"{bench}_clip_lo": est.lo, f"{bench}_clip_hi": est.hi})
+    atomic_write_npz(paths.features(name), **{f"{bench}_seed_{k}": f for bench, fs in bench_feats.items()
+                                              for k, f in enumerate(fs)})
     n_models = len(cfg.deme.intervals) if name == "ensemble" else 1
     out.update({"per_seed": per_seed, "training_seeds": len(per_seed),
                 "prompts": {b: len(sets[b]["prompts"]) for b in BENCHMARKS},
@@ -148,7 +191,7 @@ def evaluate_t2i(ctx):
     ctx.run.log_artifact(row, "samples")
     shown = ", ".join(f"{k} {out[k]:.3f}" for k in keys if k.endswith(("_fid", "_clip")))
     ctx.note(f"{name}: {shown} ({rate(out['images_per_s'])})")
-    for p in (paths.metrics("evaluate", name), grid, row):
+    for p in (paths.metrics("evaluate", name), paths.features(name), grid, row):
         ctx.wrote(p)
     shutil.rmtree(paths.ckpt(f"evaluate-{name}"), ignore_errors=True)  # the resume state, now the outputs exist
 
@@ -158,10 +201,11 @@ def body(ctx):
     import time
 
     from deme.evaluation import describe, feature_spaces, fids, load_references, sample_features
-    from deme.io import sample_seeds, write_json
+    from deme.io import atomic_write_npz, sample_seeds, write_json
     from deme.models import count_parameters
     from deme.paths import Paths
     from deme.sample import save_grid
+    from deme.stats import estimate, kid
 
     import numpy as np
 
@@ -171,9 +215,12 @@ def body(ctx):
     models = load(name, cfg, paths)
     spaces = feature_spaces(cfg, ctx.device)
     refs, held = load_references(cfg, spaces), load_references(cfg, spaces, heldout=True)
-    headline = f"fid_{next(iter(spaces))}"
+    head = next(iter(spaces))
+    scales = None
+    if name in SINGLE_MODEL_METHODS and cfg.merge.scale_search:
+        models, scales = scale_search(ctx, name, models, spaces)
     seeds = sample_seeds("eval", cfg.sample.num_samples, cfg.seed)
-    per_seed, first, wall, sampled = [], None, 0.0, 0.0
+    per_seed, head_feats, first, wall, sampled = [], [], None, 0.0, 0.0
     for k, model in enumerate(models):
         t0 = time.perf_counter()
         save_dir = (paths.samples(name).with_suffix("") / f"seed-{k}") if cfg.sample.save_images else None
@@ -184,30 +231,45 @@ def body(ctx):
         wall += time.perf_counter() - t0
         sampled += len(seeds) * done.fresh_fraction()  # a resumed run's rate counts what it sampled
         per_seed.append({**fids(feats, refs), **(fids(feats, held, "fid_heldout") if held else {})})
+        head_feats.append(np.asarray(feats[head], np.float32))
         first = kept if first is None else first
     if not ctx.is_main:
         return
     by_mode = {key: [s[key] for s in per_seed] for key in per_seed[0]}
-    fid_list = by_mode[headline]
-    fid = float(np.mean(fid_list))
+    fid_list = by_mode[f"fid_{head}"]
+    # the interval over training seeds and evaluation samples (deme/stats.py); KID from the same features
+    est = estimate(head_feats, refs[head], reps=cfg.fid.bootstrap, seed=cfg.seed)
+    kids = ([kid(f, np.load(paths.ref_features(head)), cfg.fid.kid_subsets, cfg.fid.kid_subset_size, cfg.seed)
+             for f in head_feats] if paths.ref_features(head).exists() else [])
     n_models = len(cfg.deme.intervals) if name == "ensemble" else 1
-    out = {"fid": fid, "fid_std": float(np.std(fid_list, ddof=1)) if len(fid_list) > 1 else 0.0,
+    out = {"fid": est.value, "fid_lo": est.lo, "fid_hi": est.hi, "fid_se_eval": est.se_eval,
+           "fid_se_seed": est.se_seed, "fid_std": float(np.std(fid_list, ddof=1)) if len(fid_list) > 1 else 0.0,
            "fid_seeds": fid_list, **{key: float(np.mean(v)) for key, v in by_mode.items()},
-           "training_seeds": len(fid_list), "num_samples": len(seeds), "sampler": cfg.sample.sampler,
-           "steps": cfg.sample.steps, "eta": cfg.sample.eta, "sample_precision": cfg.sample.precision,
-           "models": n_models, "parameters_per_model": count_parameters(models[0]) // n_models,
+           **({"kid": float(np.mean([m for m, _ in kids])), "kid_std": float(np.mean([s for _, s in kids])),
+               "kid_seeds": [m for m, _ in kids]} if kids else {}),
+           **({"scale": [w for w, _ in scales], "scale_proxy_fid": [f for _, f in scales]} if scales else {}),
+           "training_seeds": len(fid_list), "num_samples": len(seeds), "bootstrap": cfg.fid.bootstrap,
+           "sampler": cfg.sample.sampler, "steps": cfg.sample.steps, "eta": cfg.sample.eta,
+           "sample_precision": cfg.sample.precision, "models": n_models,
+           "parameters_per_model": count_parameters(models[0]) // n_models,
            "images_per_s": sampled / wall if sampled else None, "num_processes": cfg.runtime.num_processes,
            **describe(spaces)}
     write_json(paths.metrics("evaluate", name), out)
+    atomic_write_npz(paths.features(name), first_seed=np.asarray(seeds.start), mode=np.asarray(head),
+                     **{f"seed_{k}": f for k, f in enumerate(head_feats)})
     grid = paths.samples(name)
     save_grid(first, grid, nrow=int(len(first) ** 0.5))
-    ctx.run.log_metrics({"fid": fid, "images_per_s": out["images_per_s"], **{k: out[k] for k in by_mode}})
+    ctx.run.log_metrics({"fid": est.value, "fid_lo": est.lo, "fid_hi": est.hi,
+                         "images_per_s": out["images_per_s"], **{k: out[k] for k in by_mode},
+                         **({"kid": out["kid"]} if kids else {})})
     ctx.run.log_artifact(grid, "samples")
-    spread = f" ± {out['fid_std']:.4f} over {len(fid_list)} training seeds" if len(fid_list) > 1 else ""
+    spread = f" over {len(fid_list)} training seeds" if len(fid_list) > 1 else ""
     modes = ", ".join(f"{k} {out[k]:.4f}" for k in by_mode)
-    ctx.note(f"{name}: FID {fid:.4f}{spread} from {len(seeds)} samples ({modes}; {rate(out['images_per_s'])})")
-    ctx.wrote(paths.metrics("evaluate", name))
-    ctx.wrote(grid)
+    kid_txt = f"; KID {out['kid']:.5f} ± {out['kid_std']:.5f}" if kids else ""
+    ctx.note(f"{name}: FID {est.text(3)} (95 % interval{spread}, {len(seeds)} samples; noise mostly from "
+             f"{est.dominant()}){kid_txt} ({modes}; {rate(out['images_per_s'])})")
+    for p in (paths.metrics("evaluate", name), paths.features(name), grid):
+        ctx.wrote(p)
     shutil.rmtree(paths.ckpt(f"evaluate-{name}"), ignore_errors=True)  # the resume state, now the outputs exist
 
 

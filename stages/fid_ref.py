@@ -93,7 +93,7 @@ def body(ctx):
 
     from deme.data import load_images
     from deme.evaluation import array_features, describe, feature_spaces
-    from deme.io import derive_seed, write_json
+    from deme.io import atomic_write_npy, derive_seed, write_json
     from deme.metrics.fid import Stats, builtin_stats, fid_of_features
     from deme.paths import Paths
 
@@ -120,20 +120,32 @@ def body(ctx):
     held = (array_features(heldout, spaces, f.batch_size, desc="held-out reference",
                            shards=shards(ctx, spaces, "heldout", paths.ref, heldout))
             if f.reference != "ref" else None)
-    # the floor: as many images of a set the reference does not contain as the evaluation generates
+    # the search reference: images of the set the evaluation's reference does not contain (the merge and scale
+    # searches must not be tuned on the images they are evaluated against); its first images give the floor
     other = train if f.reference == "ref" else heldout
     n = min(cfg.sample.num_samples, len(other))
-    floor_feats = (array_features(other[:n], spaces, f.batch_size, desc="floor",
-                                  shards=shards(ctx, spaces, "floor", paths.train, other[:n])) if held is None
-                   else {m: x[:n] for m, x in held.items()})
+    n_search = min(len(other), max(n, num_ref if isinstance(num_ref, int) else len(heldout)))
+    search_feats = (array_features(other[:n_search], spaces, f.batch_size, desc="search reference",
+                                   shards=shards(ctx, spaces, "search", paths.train, other[:n_search]))
+                    if held is None else held)
     if not ctx.is_main:
         return
     out = {"num_ref": num_ref, "reference": f.reference, "reference_set": ref_label, "num_floor": n,
-           "num_heldout": len(heldout) if held else 0, **describe(spaces)}
+           "num_search": len(next(iter(search_feats.values()))), "num_heldout": len(heldout) if held else 0,
+           **describe(spaces)}
+    rng = np.random.default_rng(derive_seed(cfg.seed, "kid_features"))
     for mode, space in spaces.items():
         refs[mode].save(paths.fid_ref(mode), **space.describe(), reference=ref_label)
         ctx.wrote(paths.fid_ref(mode))
-        out[f"fid_floor_{mode}"] = fid_of_features(floor_feats[mode], refs[mode])
+        search = "held-out images" if held is not None else f"{len(search_feats[mode])} {'training' if f.reference == 'ref' else 'held-out'} images"
+        Stats.of(search_feats[mode]).save(paths.fid_search(mode), **space.describe(), reference=search)
+        ctx.wrote(paths.fid_search(mode))
+        if f.reference != "builtin":  # KID needs the reference features themselves (built-in stats have none)
+            x = feats[mode]
+            keep = np.sort(rng.choice(len(x), min(len(x), 10_000), replace=False))
+            atomic_write_npy(paths.ref_features(mode), np.asarray(x[keep], np.float32))
+            ctx.wrote(paths.ref_features(mode))
+        out[f"fid_floor_{mode}"] = fid_of_features(search_feats[mode][:n], refs[mode])
         if held:
             Stats.of(held[mode]).save(paths.fid_heldout(mode), **space.describe(), reference="held-out images")
             ctx.wrote(paths.fid_heldout(mode))

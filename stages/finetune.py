@@ -79,9 +79,10 @@ def body(ctx):
     from deme.data import load_images
     from deme.io import derive_seed, write_json
     from deme.models import count_parameters, frozen_teacher, load_pretrained, save_model
-    from deme.objectives import EpsObjective
+    from deme.objectives import EpsObjective, method_seeds
     from deme.paths import Paths
     from deme.projection import add_channel_projection
+    from deme.resume import content_id, state_digest
     from deme.schedule import alphas_cumprod, interval_bounds
     from deme.tracking import CurveLog
     from deme.train import clear_checkpoint, train
@@ -99,7 +100,7 @@ def body(ctx):
     settings = cfg.to_dict()
     if args.method:
         name, budget = args.method, dataclasses.replace(cfg.finetune, iterations=cfg.finetune.iterations * d.n)
-        runs = [(s, paths.method(name) / f"seed-{s}") for s in range(cfg.baselines.seeds)]
+        runs = [(s, paths.method(name) / f"seed-{s}") for s in range(method_seeds(cfg, name))]
         meta = {"method": name, "interval": None}
         key = [settings["finetune"], settings["baselines"].get(name), d.n]
         ctx.note(f"{name}: all timesteps, {budget.iterations} iterations (= {d.n} x {cfg.finetune.iterations}), "
@@ -108,7 +109,7 @@ def body(ctx):
         i = args.interval
         if i not in d.intervals:
             raise StageError(f"--interval {i} is not in deme.intervals {d.intervals}")
-        name, budget, runs = f"interval-{i}", cfg.finetune, [(None, paths.interval(i))]
+        name, budget, runs = f"interval-{i}", cfg.finetune, [(s, paths.interval(i, s)) for s in range(d.seeds)]
         lo, hi = interval_bounds(i, d.n, T)
         meta = {"method": "deme", "interval": i, "bounds": [lo, hi], "N": d.n}
         key = [settings["finetune"], settings["deme"]]
@@ -116,6 +117,8 @@ def body(ctx):
                  f"consistency={d.consistency_loss and d.consistency_weight > 0}, projection={d.channel_projection}")
 
     curve, walls, losses = CurveLog(ctx.run), [], []
+    # resume only from a checkpoint made from the same pretrained weights, schedule and data
+    inputs = [state_digest(load_pretrained(cfg)), settings["schedule"], content_id(paths.train)]
     evaluate = fid_curve(ctx, None if args.method else args.interval) if budget.eval_every else None
     for s, out in runs:
         model = load_pretrained(cfg)
@@ -128,20 +131,20 @@ def body(ctx):
             objective = EpsObjective(alphas_cumprod(cfg.schedule).float(), lo, hi,
                                      p=d.p if d.probabilistic_sampling else 0.0, granularity=d.ps_granularity,
                                      antithetic=d.antithetic, teacher=teacher, consistency_weight=d.consistency_weight)
-        seed = derive_seed(cfg.seed, "finetune", name, *([] if s is None else [s]))
-        label = name if s is None else f"{name}-seed{s}"
+        # interval models: seed 0 keeps the one-seed derivation, which the sweep's runs share (deme/sweep.py)
+        seed = derive_seed(cfg.seed, "finetune", name, *([] if not args.method and s == 0 else [s]))
+        label = f"{name}-seed{s}"
         ckpt = paths.ckpt(f"finetune-{label}")
         log = curve if not s else None  # curves of the first seed
         t0 = time.perf_counter()
         model = train(model, objective, images, budget, seed=seed, device=ctx.device, ckpt_dir=ckpt, log=log,
-                      desc=f"finetune@{label}", fingerprint=json.dumps([key, name, s, seed]),
+                      desc=f"finetune@{label}", fingerprint=json.dumps([key, name, s, seed, inputs]),
                       evaluate=evaluate if not s else None, channels_last=cfg.runtime.channels_last,
                       compile=cfg.runtime.compile, condition=condition)
         walls.append(time.perf_counter() - t0)
         if not ctx.is_main:  # the other processes of `accelerate launch` only train
             continue
-        save_model(model, out, cfg, seed=seed, steps=budget.iterations, **meta,
-                   **({} if s is None else {"seed_index": s}))
+        save_model(model, out, cfg, seed=seed, steps=budget.iterations, **meta, seed_index=s)
         clear_checkpoint(ckpt)
         losses.append(next((r["loss_eps"] for r in reversed(curve.rows) if "loss_eps" in r), float("nan")))
         ctx.wrote(out)

@@ -44,46 +44,38 @@ def t2i_scorer(ctx, base, vectors, spaces):
     return score
 
 
-def body(ctx):
+def search_seed(ctx, s, base, spaces, refs):
+    """One training seed: the task vectors of its interval models and the weight search on proxy FID.
+    Returns (merged model, best weights, its proxy FID, the pretrained model's proxy FID, scored rows)."""
     import json
-    import time
 
-    import pandas as pd
-
-    from deme.evaluation import feature_spaces, fid_of_model, load_references
-    from deme.io import atomic_write_text, sample_seeds, write_json
+    from deme.evaluation import fid_of_model
+    from deme.io import sample_seeds
     from deme.merge import Scorer, merged_model, search, task_vector
-    from deme.models import load_model, load_pretrained, model_meta, save_model
+    from deme.models import load_model, model_meta
     from deme.paths import Paths
-    from deme.projection import add_channel_projection
     from deme.resume import ScoreLog, state_digest
 
     cfg, paths = ctx.cfg, Paths(ctx.cfg.profile)
     d, m = cfg.deme, cfg.merge
-    base = load_pretrained(cfg)
-    if d.channel_projection:
-        add_channel_projection(base)
     models = []
     for i in d.intervals:
-        meta = model_meta(paths.interval(i))
+        meta = model_meta(paths.interval(i, s))
         if bool(meta.get("channel_projection")) != d.channel_projection:
-            raise StageError(f"{paths.interval(i)} was trained with channel_projection="
+            raise StageError(f"{paths.interval(i, s)} was trained with channel_projection="
                              f"{meta.get('channel_projection')}, params say {d.channel_projection}; rerun finetune")
-        models.append(load_model(paths.interval(i)))
+        models.append(load_model(paths.interval(i, s)))
     base_state = base.state_dict()
     vectors = [task_vector(mod.state_dict(), base_state) for mod in models]
     del models
-    spaces = feature_spaces(cfg, ctx.device, headline=True)  # the search is scored in the headline mode
-    refs = load_references(cfg, spaces) if cfg.task == "image" else None  # t2i: the COCO stats, t2i_scorer
     seeds = sample_seeds("search", m.proxy_samples, cfg.seed)
-
     # resumable log of scored candidates, valid only for the same models and search settings
-    log = ScoreLog(paths.ckpt("merge") / "scores.jsonl",
+    log = ScoreLog(paths.ckpt("merge") / f"scores-seed{s}.jsonl",
                    json.dumps([cfg.to_dict()["merge"], cfg.to_dict()["sample"], cfg.to_dict()["pipeline"],
                                [state_digest(v) for v in vectors], cfg.seed]))
     cache = log.load()
     if cache:
-        ctx.note(f"[resume] {len(cache)} scored candidates reused from {log.path}")
+        ctx.note(f"[resume] seed {s}: {len(cache)} scored candidates reused from {log.path}")
     if ctx.is_main:
         log.start()
     order = [0]
@@ -93,8 +85,8 @@ def body(ctx):
             return
         log.append(w, fid)
         order[0] += 1
-        ctx.run.log_metrics({"proxy_fid": fid}, step=order[0])
-        print(f"  candidate {order[0]:3d} {phase:8s} w=({', '.join(f'{x:.3f}' for x in w)})  proxy FID {fid:.4f}")
+        ctx.run.log_metrics({f"proxy_fid_seed{s}": fid}, step=order[0])
+        print(f"  seed {s} candidate {order[0]:3d} {phase:8s} w=({', '.join(f'{x:.3f}' for x in w)})  proxy FID {fid:.4f}")
 
     def image_score(w):
         # every process scores its share of the samples and gets the same FID, so all take the same path
@@ -102,38 +94,66 @@ def body(ctx):
                             desc="merge candidate")
 
     score = t2i_scorer(ctx, base, vectors, spaces) if cfg.task == "t2i" else image_score
-
-    t0 = time.perf_counter()
     scorer = Scorer(score, cache, on_new)
     pretrained_fid = scorer((0.0,) * d.n, "reference")  # all w = 0 is the pretrained model
     best = search(scorer, d.n, m)
-    best_fid = scorer.cache[best]
+    merged = merged_model(base, vectors, best) if ctx.is_main else None
+    return merged, best, scorer.cache[best], pretrained_fid, scorer.rows, log
 
+
+def body(ctx):
+    import time
+
+    import pandas as pd
+
+    from deme.evaluation import feature_spaces, load_references
+    from deme.io import atomic_write_text, write_json
+    from deme.models import load_pretrained, save_model
+    from deme.paths import Paths
+    from deme.projection import add_channel_projection
+
+    cfg, paths = ctx.cfg, Paths(ctx.cfg.profile)
+    d, m = cfg.deme, cfg.merge
+    base = load_pretrained(cfg)
+    if d.channel_projection:
+        add_channel_projection(base)
+    spaces = feature_spaces(cfg, ctx.device, headline=True)  # the search is scored in the headline mode
+    # scored against images disjoint from the evaluation's reference (t2i: the COCO stats, t2i_scorer)
+    refs = load_references(cfg, spaces, search=True) if cfg.task == "image" else None
+    t0, results = time.perf_counter(), []
+    for s in range(d.seeds):
+        results.append(search_seed(ctx, s, base, spaces, refs))
     if not ctx.is_main:
         return
-    merged = merged_model(base, vectors, best)
-    save_model(merged, paths.merged, cfg, method="deme-merged", weights=list(best), proxy_fid=best_fid)
+    from deme.io import atomic_dir
 
-    table = pd.DataFrame([{**{f"w{i + 1}": w[i] for i in range(d.n)}, "proxy_fid": f, "phase": ph}
-                          for w, f, ph in scorer.rows])
-    table.insert(0, "candidate", range(1, len(table) + 1))
-    atomic_write_text(paths.curve("merge_search"), table.to_csv(index=False))
-    write_json(paths.metrics("merge"), {"weights": list(best), "proxy_fid": best_fid,
-                                        "proxy_fid_pretrained": pretrained_fid, "candidates": len(table),
-                                        "proxy_samples": m.proxy_samples, "search": m.search,
-                                        "wall_s": time.perf_counter() - t0})
-    ctx.run.log_metrics({"best_proxy_fid": best_fid, "pretrained_proxy_fid": pretrained_fid})
-    ctx.run.log_params({"merged_weights": list(best)})
+    rows = []
+    with atomic_dir(paths.merged()) as tmp:
+        for s, (merged, best, best_fid, _, scored, _) in enumerate(results):
+            save_model(merged, tmp / f"seed-{s}", cfg, method="deme-merged", weights=list(best), proxy_fid=best_fid,
+                       seed_index=s)
+            rows += [{"seed": s, "candidate": k + 1, **{f"w{i + 1}": w[i] for i in range(d.n)}, "proxy_fid": f,
+                      "phase": ph} for k, (w, f, ph) in enumerate(scored)]
+    atomic_write_text(paths.curve("merge_search"), pd.DataFrame(rows).to_csv(index=False))
+    weights = [list(r[1]) for r in results]
+    write_json(paths.metrics("merge"), {
+        "weights": weights, "proxy_fid": [r[2] for r in results], "proxy_fid_pretrained": results[0][3],
+        "seeds": d.seeds, "candidates": [len(r[4]) for r in results], "proxy_samples": m.proxy_samples,
+        "search": m.search, "search_reference": "disjoint from the evaluation's (stats/<profile>/fid_search_*)",
+        "wall_s": time.perf_counter() - t0})
+    ctx.run.log_metrics({"best_proxy_fid": results[0][2], "pretrained_proxy_fid": results[0][3]})
+    ctx.run.log_params({"merged_weights": weights})
     ctx.run.log_artifact(paths.curve("merge_search"), "search")
-    version = ctx.run.register_model(paths.merged, f"{cfg.profile}-merged",
-                                     tags={"profile": cfg.profile, "weights": list(best), "proxy_fid": best_fid,
+    version = ctx.run.register_model(paths.merged(0), f"{cfg.profile}-merged",
+                                     tags={"profile": cfg.profile, "weights": weights[0], "proxy_fid": results[0][2],
                                            "intervals": d.n})
     if version:
-        ctx.note(f"MLflow model registry: {cfg.profile}-merged version {version}")
-    ctx.note(f"best weights {tuple(round(x, 3) for x in best)}: proxy FID {best_fid:.4f} "
-             f"(pretrained {pretrained_fid:.4f}; {len(table)} candidates)")
-    log.path.unlink(missing_ok=True)
-    for p in (paths.merged, paths.curve("merge_search"), paths.metrics("merge")):
+        ctx.note(f"MLflow model registry: {cfg.profile}-merged version {version} (training seed 0)")
+    for s, (_, best, best_fid, pre, scored, log) in enumerate(results):
+        ctx.note(f"seed {s}: best weights {tuple(round(x, 3) for x in best)}: proxy FID {best_fid:.4f} "
+                 f"(pretrained {pre:.4f}; {len(scored)} candidates)")
+        log.path.unlink(missing_ok=True)
+    for p in (paths.merged(), paths.curve("merge_search"), paths.metrics("merge")):
         ctx.wrote(p)
 
 

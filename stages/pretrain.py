@@ -150,12 +150,13 @@ def body(ctx):
     from deme.models import build_unet, count_parameters, save_model
     from deme.objectives import EpsObjective
     from deme.paths import Paths
+    from deme.resume import content_id
     from deme.schedule import alphas_cumprod
     from deme.tracking import CurveLog
     from deme.train import clear_checkpoint, train
 
     cfg, paths = ctx.cfg, Paths(ctx.cfg.profile)
-    scratch = ctx.args.from_scratch
+    scratch = getattr(ctx.args, "from_scratch", False)
     if cfg.task == "t2i":
         return pretrain_t2i(ctx)
     if cfg.model.source == "hub" and not scratch:
@@ -173,11 +174,14 @@ def body(ctx):
     curve, ckpt = CurveLog(ctx.run), paths.ckpt(label)
     evaluate = fid_scorer(cfg, ctx.device, cfg.pretrain.eval_samples) if cfg.pretrain.eval_every else None
     settings = cfg.to_dict()
+    run = dict(settings["pretrain"])
+    if cfg.pretrain.lr_schedule != "cosine":  # the trajectory does not depend on the length: a longer run continues
+        run.pop("iterations")
     t0 = time.perf_counter()
     model = train(model, objective, images, cfg.pretrain, seed=seed, device=ctx.device, ckpt_dir=ckpt,
-                  fingerprint=json.dumps([settings["pretrain"], settings["model"], settings["schedule"],
-                                          settings["sample"] if evaluate else None, seed]),
-                  log=curve, desc=label, evaluate=evaluate)
+                  fingerprint=json.dumps([run, settings["model"]["unet"], settings["schedule"],
+                                          settings["sample"] if evaluate else None, seed, content_id(paths.train)]),
+                  log=curve, desc=label, evaluate=evaluate, keep_final=scratch)
     wall = time.perf_counter() - t0
     save_model(model, out, cfg, method="pretrain", seed=seed, steps=cfg.pretrain.iterations)
     curve.save(curve_csv)
@@ -186,7 +190,8 @@ def body(ctx):
     write_json(metrics_json, {"loss": last, "wall_s": wall, "iterations": cfg.pretrain.iterations,
                                                "parameters": count_parameters(model), "threads": torch.get_num_threads(),
                                                **({"fid_curve": fid_curve} if fid_curve else {})})
-    clear_checkpoint(ckpt)
+    if not scratch:  # a from-scratch run keeps its last state in .ckpt/, so a longer run continues from it
+        clear_checkpoint(ckpt)
     for p in (out, curve_csv, metrics_json):
         ctx.wrote(p)
 

@@ -29,6 +29,8 @@ def t2i_report(ctx):
     from deme.io import atomic_dir
     from deme.report import figures
     from deme.report.paper import paper_numbers, paper_table
+    from deme.paths import Paths
+    from deme.report.evidence import orderings_markdown
     from deme.report.tables import TABLE2_ROWS, measured_profiles, table2
 
     prof, metrics = ctx.cfg.profile, Path("metrics")
@@ -38,7 +40,7 @@ def t2i_report(ctx):
         return json.loads(p.read_text()) if p.exists() else {}
 
     profiles = measured_profiles(metrics, "t2i")
-    n = {p: len(read(p, "merge.json").get("weights", [])) for p in profiles}
+    n = {p: len((read(p, "merge.json").get("weights") or [[]])[0]) for p in profiles}
     pre, clip, train = read(prof, "evaluate", "pretrained.json"), read(prof, "clip.json"), read(prof, "train", "pretrain.json")
     merge, ref = read(prof, "merge.json"), read(prof, "fid_ref.json")
     out_dir = Path("reports") / prof
@@ -68,6 +70,13 @@ def t2i_report(ctx):
             "",
             table2(metrics, n),
             "",
+            "Each value of ours: the mean over the row's training seeds (n) with its 95 % interval over training "
+            "seeds and prompts (deme/stats.py).",
+            "",
+            "### The paper's orderings on this profile (COCO FID)",
+            "",
+            orderings_markdown(ctx.cfg, Paths(prof), bench="coco"),
+            "",
             "All single-model methods train the conditional UNet on all timesteps for N x the per-interval "
             "iterations with the same optimiser, EMA, latents and prompts (matched budget); Diff-Tuning in its KD "
             "form.",
@@ -93,12 +102,12 @@ def t2i_report(ctx):
                 lines.append(f"| data-vs-data floor FID, {key.split('_')[0]} (training images vs its reference) | {value:.4f} |")
         lines.append("")
         if merge:
-            w = ", ".join(f"{x:.3f}" for x in merge["weights"])
+            w = "; ".join(f"seed {k}: ({', '.join(f'{x:.3f}' for x in ws)}), proxy FID {f:.4f}"
+                          for k, (ws, f) in enumerate(zip(merge["weights"], merge["proxy_fid"])))
             lines += ["## Merge-weight search", "",
-                      f"Search `{merge['search']}` over {merge['candidates']} candidates, each scored by FID on "
+                      f"Search `{merge['search']}` per training seed, each candidate scored by FID on "
                       f"{merge['proxy_samples']} COCO proxy prompts disjoint from the evaluated ones: selected weights "
-                      f"({w}), proxy FID {merge['proxy_fid']:.4f} against {merge['proxy_fid_pretrained']:.4f} for the "
-                      "pretrained model (all w = 0).", ""]
+                      f"{w}; the pretrained model (all w = 0): {merge['proxy_fid_pretrained']:.4f}.", ""]
             if figures.merge_search(Path("plots") / prof / "merge_search.csv", tmp / "merge_search.png"):
                 lines += ["![merge search](merge_search.png)", ""]
         if figures.training_curves(Path("plots") / prof, tmp / "training_curves.png"):
@@ -129,7 +138,9 @@ def body(ctx):
     from deme.io import atomic_dir
     from deme.report import figures
     from deme.report.paper import paper_numbers
-    from deme.report.tables import SINGLE_MODEL, collect_fid, paper_only_rows, table1
+    from deme.paths import Paths
+    from deme.report.evidence import orderings_markdown
+    from deme.report.tables import SINGLE_MODEL, paper_only_rows, table1
 
     cfg, prof = ctx.cfg, ctx.cfg.profile
     metrics = Path("metrics")
@@ -141,7 +152,7 @@ def body(ctx):
         return json.loads(p.read_text()) if p.exists() else {}
 
     merge = read(prof, "merge.json")
-    n_by_profile = {p.name: len(read(p.name, "merge.json").get("weights", [])) or cfg.deme.n
+    n_by_profile = {p.name: len((read(p.name, "merge.json").get("weights") or [[]])[0]) or cfg.deme.n
                     for p in metrics.iterdir() if p.is_dir()}
     out_dir = Path("reports") / prof
     with atomic_dir(out_dir) as tmp:
@@ -155,16 +166,8 @@ def body(ctx):
             if src.exists():
                 shutil.copy(src, tmp / f"samples_{name}.png")
                 grids.append(name)
-        fid = collect_fid(metrics, [prof])[prof]
         feat, ref = read(prof, "featnet.json"), read(prof, "fid_ref.json")
         ev = {k: read(prof, "evaluate", f"{k}.json") for k in ("pretrained", "plain", "ensemble", "merged")}
-        measured = [b for b in baselines if b in fid and fid[b] == fid[b]]
-        beat = [b for b in measured if fid[b] < fid.get("plain", float("nan"))]
-
-        def verdict(a, b):
-            if any(k not in fid or fid[k] != fid[k] for k in (a, b)):
-                return "not measured"
-            return f"**{'yes' if fid[a] < fid[b] else 'no'}** ({fid[a]:.3f} vs {fid[b]:.3f})"
 
         sample = ev["pretrained"] or next((v for v in ev.values() if v), {})
         lines = [
@@ -186,24 +189,21 @@ def body(ctx):
             f"{ref.get('num_ref', '?')} {'held-out' if ref.get('reference', 'ref') == 'ref' else 'training'} reference "
             f"images in feature space "
             f"`{ref.get('feature_net', '?')}` (sha256 {str(ref.get('feature_net_sha256', '?'))[:12]}…). "
-            "Best per column in bold (the floor is excluded)."
-            + (" The paper samples with eta 0; this profile uses eta "
-               f"{sample.get('eta')} because its short-trained pretrained model predicts x0 worse than the data "
-               "mean at t >= 900, which deterministic DDIM turns into grey backgrounds (see deme/profiles.py; "
-               "`dvc exp run -S sample.eta=0` reproduces that setting)." if sample.get("eta") else ""),
+            "Best per column in bold (the floor is excluded). Each FID is the mean over the row's training seeds "
+            "(n) with its 95 % interval over training seeds and evaluation samples (deme/stats.py); KID ± its "
+            "standard deviation over random subsets, from the same features."
+            + (f" The paper samples with eta 0; this run uses eta {sample.get('eta')}." if sample.get("eta") else ""),
             "",
             table1(metrics, n_by_profile),
             "",
-            f"- DeMe merged beats the pretrained model: {verdict('merged', 'pretrained')}",
-            f"- DeMe merged beats the plain-finetuning control: {verdict('merged', 'plain')}",
-            f"- DeMe ensemble beats the pretrained model: {verdict('ensemble', 'pretrained')}",
-            f"- DeMe merged beats the ensemble (the paper's DDPM claim): {verdict('merged', 'ensemble')}",
-            f"- baselines that beat the plain-finetuning control: "
-            f"{', '.join(beat) if beat else 'none'} (of {len(measured)} measured)",
+            "### The paper's orderings on this profile",
+            "",
+            orderings_markdown(cfg, Paths(prof)),
             "",
             "All single-model methods train on all timesteps for N x the per-interval iterations with the same "
-            "optimiser, EMA, data and number of training seeds (matched budget); wall times are per training "
-            "seed on this machine.",
+            "optimiser, EMA and data (matched budget); the plain control has DeMe's training seeds "
+            "(`deme.seeds`), the other baselines `baselines.seeds`; wall times are per training seed on this "
+            "machine.",
             "",
             *(["Rows of the paper's Table 1 that this profile does not run (the paper's numbers only):", "",
                paper_only_rows(), ""] if paper_only_rows() else []),
@@ -215,15 +215,18 @@ def body(ctx):
             "",
         ]
         if merge:
-            w = ", ".join(f"{x:.3f}" for x in merge["weights"])
             code_w = ", ".join(str(x) for x in paper_numbers()["merge_weights_code"]["weights"])
             lines += [
-                f"Search `{merge['search']}` over {merge['candidates']} candidates, each scored by FID on "
-                f"{merge['proxy_samples']} proxy samples whose seeds are disjoint from the evaluation's.",
+                f"Search `{merge['search']}` per training seed ({sum(merge['candidates'])} candidates in all), each "
+                f"scored by FID on {merge['proxy_samples']} proxy samples whose seeds are disjoint from the "
+                "evaluation's, against reference images disjoint from the evaluation's reference "
+                "(stats/<profile>/fid_search_*). Every single-model method gets the same search on its one task "
+                "vector (θ + w·τ; the `scale` field of its metrics), so a scale found by search is not credited to "
+                "decoupling.",
                 "",
-                f"- selected weights (I1 … I{len(merge['weights'])}, low to high noise): ({w})",
-                f"- proxy FID: selected {merge['proxy_fid']:.4f}, pretrained (all w = 0) "
-                f"{merge['proxy_fid_pretrained']:.4f}",
+                *[f"- seed {k}: weights (I1 … I{len(ws)}, low to high noise) ({', '.join(f'{x:.3f}' for x in ws)}), "
+                  f"proxy FID {f:.4f}" for k, (ws, f) in enumerate(zip(merge["weights"], merge["proxy_fid"]))],
+                f"- the pretrained model (all w = 0): proxy FID {merge['proxy_fid_pretrained']:.4f}",
                 f"- for reference, the only published weights (official code, LSUN-Church, N=4): ({code_w})",
                 "",
             ]

@@ -98,7 +98,8 @@ def test_timestep_gradient_accumulates_to_the_full_batch_gradient():
     full = torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(model.parameters()))])
     for mb in (1, 3, 4):
         acc = torch.cat(timestep_gradient(model, x0, noise, 300, AB, micro_batch=mb))
-        assert torch.allclose(acc, full, rtol=1e-4, atol=1e-7), mb
+        # float32 sums in another order: about 1e-7 of the largest entry (~1) anywhere, so atol 1e-6
+        assert torch.allclose(acc, full, rtol=1e-4, atol=1e-6), mb
     assert all(p.grad is None for p in model.parameters())
 
 

@@ -145,7 +145,7 @@ MAPPING_CASES = [
     case("difftuning-variant", {"baselines": {"difftuning": {"variant": "both"}}},
          "baselines.difftuning.variant", "buffer, kd"),
     case("model-source", {"model": {"source": "s3"}}, "model.source", "train, hub"),
-    case("hub-without-id", {"model": {"source": "hub"}}, "model.pretrained_id", "local_path"),
+    case("hub-without-id", {"model": {"source": "hub", "local_path": ""}}, "model.pretrained_id", "local_path"),
     case("block-type", {"model": {"unet": {"up_block_types": ["UpBlock2D", "UpBlock3D", "UpBlock2D"]}}},
          "model.unet.up_block_types[1]", "'UpBlock3D'"),
     case("task-mismatch", {"task": "t2i"}, "task", "'image' profile"),

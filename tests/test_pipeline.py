@@ -144,13 +144,19 @@ def test_repro_writes_measured_metrics_and_report(micro_repo):
         assert m["num_samples"] == 64 and m["feature_net"] == "featnet"
         assert (work / "samples/micro" / f"{model}.png").stat().st_size > 0
     merge = json.loads((work / "metrics/micro/merge.json").read_text())
-    assert len(merge["weights"]) == 2 and merge["candidates"] >= 2
+    # deme.seeds = 2 on micro: every seed's interval models merged by a search of their own
+    assert merge["seeds"] == 2 and [len(w) for w in merge["weights"]] == [2, 2] and min(merge["candidates"]) >= 2
     for i in (1, 2):
-        assert (work / f"models/micro/deme/interval-{i}/diffusion_pytorch_model.safetensors").exists()
+        for s in (0, 1):
+            assert (work / f"models/micro/deme/interval-{i}/seed-{s}/diffusion_pytorch_model.safetensors").exists()
     report = (work / "reports/micro/report.md").read_text()
     assert "Table 1" in report and "(paper)" in report and "(ours)" in report
-    fid = json.loads((work / "metrics/micro/evaluate/merged.json").read_text())["fid"]
-    assert f"{fid:.3f}" in report  # the report shows the measured number
+    m = json.loads((work / "metrics/micro/evaluate/merged.json").read_text())
+    assert m["training_seeds"] == 2 and m["fid_lo"] < m["fid"] < m["fid_hi"] and m["kid_std"] > 0
+    assert f"{m['fid']:.3f} [{m['fid_lo']:.3f}, {m['fid_hi']:.3f}] n=2" in report  # the measured number, its interval
+    assert "The paper's orderings" in report and "95 % interval" in report
+    plain = json.loads((work / "metrics/micro/evaluate/plain.json").read_text())
+    assert len(plain["scale"]) == 2  # the plain control's own weight search, per seed
     for label in ("Min-SNR-γ", "P2 weighting", "SNR+1", "Trun-SNR", "ANT-UW", "ANT-NashMTL", "Diff-Tuning"):
         assert label in report
     assert (work / "reports/micro/weightings.png").stat().st_size > 0
@@ -336,7 +342,7 @@ def test_two_process_training_runs(micro_repo):
     """DDP finetuning on CPU (gloo) through deme.launch: both processes train, rank 0 saves and logs once."""
     work, env, _ = micro_repo
     params = _params_with(work, "params-ddp.yaml", runtime={"num_processes": 2})
-    target = work / "models/micro/deme/interval-1"
+    target = work / "models/micro/deme/interval-1/seed-0"
     with _Restoring(work, "models/micro/deme/interval-1", "metrics/micro/train/interval-1.json",
                     "plots/micro/finetune-interval-1.csv"):
         _run([sys.executable, "-m", "deme.launch", "stages/finetune.py", "--interval", "1", "--params", params.name],
@@ -433,7 +439,7 @@ def test_several_training_seeds_give_mean_and_std(repos):
     assert m["training_seeds"] == 2 and len(m["fid_seeds"]) == 2
     assert m["fid"] == pytest.approx(sum(m["fid_seeds"]) / 2)
     assert m["fid_seeds"][0] != m["fid_seeds"][1] and m["fid_std"] > 0
-    assert f"± {m['fid_std']:.3f} (n=2)" in (work / "reports/micro/report.md").read_text()
+    assert f"{m['fid']:.3f} [{m['fid_lo']:.3f}, {m['fid_hi']:.3f}] n=2" in (work / "reports/micro/report.md").read_text()
 
 
 # ----------------------------------------------------------------------------------------------------

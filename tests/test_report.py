@@ -1,4 +1,5 @@
-"""Report tables: measured numbers from metrics JSON beside the paper's, bold best, seeds as mean ± std."""
+"""Report tables: measured numbers from metrics JSON beside the paper's, bold best, every FID with its 95 %
+interval and n, KID ± std."""
 from __future__ import annotations
 
 import json
@@ -17,7 +18,8 @@ def _metrics(tmp_path: Path) -> Path:
     root = tmp_path / "metrics"
     fids = {"pretrained": 10.0, "plain": 9.5, "min_snr": 11.0, "ensemble": 8.0, "merged": 7.5}
     for key, fid in fids.items():
-        _write(root, f"tiny/evaluate/{key}.json", {"fid": fid, "fid_std": 0.25 if key == "plain" else 0.0,
+        _write(root, f"tiny/evaluate/{key}.json", {"fid": fid, "fid_lo": fid - 0.5, "fid_hi": fid + 0.5,
+                                                  "kid": fid / 100, "kid_std": 0.001,
                                                   "training_seeds": 3 if key == "plain" else 1})
     _write(root, "tiny/fid_ref.json", {"fid_floor": 1.0})
     _write(root, "tiny/train/interval-1.json", {"iterations": 150, "wall_s": 10.0})
@@ -30,12 +32,12 @@ def _metrics(tmp_path: Path) -> Path:
 def test_table1_measured_paper_delta_bold_and_seeds(tmp_path):
     md = table1(_metrics(tmp_path), {"tiny": 4})
     lines = {line.split("|")[1].strip(): line for line in md.splitlines()[2:]}
-    assert "tiny FID (ours)" in md and "CIFAR10 FID (paper)" in md
+    assert "tiny FID (ours) [95 % interval] n" in md and "tiny KID ± std (ours)" in md and "CIFAR10 FID (paper)" in md
     merged = lines["DeMe (after merge: task-vector merge)"]
-    assert "**7.500**" in merged and "-2.500" in merged and "150 × 4" in merged and "40" in merged
+    assert "**7.500 [7.000, 8.000] n=1**" in merged and "0.0750 ± 0.0010" in merged and "-2.500" in merged and "150 × 4" in merged and "40" in merged
     assert "**3.51**" in merged  # the paper's best CIFAR10 entry, bold in its own column
     plain = lines["Plain finetuning (control)"]
-    assert "9.500 ± 0.250 (n=3)" in plain and "600" in plain
+    assert "9.500 [9.000, 10.000] n=3" in plain and "600" in plain
     floor = lines["Data-vs-data floor (training vs held-out images)"]
     assert "1.000" in floor and "**" not in floor  # the floor is never 'best'
 

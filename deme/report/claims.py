@@ -1,10 +1,12 @@
 """The paper's claims against the suite's measured evidence: one row per claim with the numbers behind the
-verdict, the number of training seeds, and a verdict of *holds*, *does not hold* or *not enough evidence*.
+verdict, the number of training seeds, and the verdict of ``deme.stats.verdict``: *holds* when the 95 %
+interval of the difference lies on the paper's side of zero, *does not hold* when it lies on the other side,
+*not resolved at this budget* otherwise (one rule for every report).
 
-Rules (stated in the table so a reader can re-judge):
-- an FID comparison is decided only when the two values differ by more than ``FID_TOLERANCE`` (relative to
-  the larger); closer is "not enough evidence" (one training seed, one set of evaluation seeds: no error bar);
-- a missing measurement is "not enough evidence" with the command that produces it.
+- FID claims: paired differences of the evaluation features (deme/report/evidence.py);
+- task-vector orthogonality: cross-interval cosines against their seed floor (two training seeds of the same
+  interval); task-vector magnitudes and gradient agreement: Welch intervals over the measured values;
+- a claim without an interval (a one-seed sweep run) is *not resolved*, with the command that measures more.
 """
 from __future__ import annotations
 
@@ -12,15 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from deme.report.evidence import paired
 from deme.report.tables import _read
-
-FID_TOLERANCE = 0.02  # 2 % relative: below this an FID difference is not called either way
-ORTHOGONAL = 0.2  # |cos| below this counts as "near orthogonal" (the paper's example: 0.07)
-GRAD_GAP = 0.2  # adjacent minus distant mean gradient cosine above this: nearby gradients agree more
-CONFLICT_SHARE = 0.25  # and at least this share of the distant pairs has a negative cosine: they conflict
-
-HOLDS, FAILS, UNKNOWN = "holds", "does not hold", "not enough evidence"
-
+from deme.stats import FAILS, HOLDS, UNRESOLVED, mean_difference, verdict
 
 def _npz(path: Path) -> dict | None:
     try:
@@ -30,19 +26,10 @@ def _npz(path: Path) -> dict | None:
         return None
 
 
-def compare(a: float | None, b: float | None) -> str:
-    """Verdict for "a has a lower FID than b" under the tolerance rule."""
-    if a is None or b is None or not (np.isfinite(a) and np.isfinite(b)):
-        return UNKNOWN
-    if abs(a - b) <= FID_TOLERANCE * max(abs(a), abs(b)):
-        return UNKNOWN
-    return HOLDS if a < b else FAILS
-
-
 def _all(verdicts: list[str]) -> str:
-    if not verdicts or UNKNOWN in verdicts:
-        return UNKNOWN if FAILS not in verdicts else FAILS
-    return HOLDS if all(v == HOLDS for v in verdicts) else FAILS
+    if FAILS in verdicts:
+        return FAILS
+    return HOLDS if verdicts and all(v == HOLDS for v in verdicts) else UNRESOLVED
 
 
 def _pairs(S: np.ndarray, timesteps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -65,16 +52,21 @@ def conflict_fraction(S: np.ndarray, timesteps: np.ndarray) -> float:
     return float((far < 0).mean()) if far.size else float("nan")
 
 
+def _interval(d) -> str:
+    return f"{d.value:+.3f}, 95 % interval [{d.lo:+.3f}, {d.hi:+.3f}]"
+
+
 def evaluate_claims(cfg, paths, runs: dict[str, dict] | None = None,
                     pretrained_sweep: dict | None = None) -> list[dict]:
     """Rows of the claims table for the image profile ``cfg.profile`` (``runs``: the sweep's, if run)."""
     prof = cfg.profile
     ev = {k: _read(Path("metrics") / prof / "evaluate" / f"{k}.json") or {} for k in ("pretrained", "ensemble", "merged", "plain")}
     fid = {k: v.get("fid") for k, v in ev.items()}
-    seeds = max([v.get("training_seeds", 1) for v in ev.values() if v] or [1])
+    seeds = {k: v.get("training_seeds", 1) for k, v in ev.items() if v}
     runs = runs or {}
     s3 = cfg.sweep.table3_steps
     sweep_cmd = "`dvc repro sweeps/dvc.yaml`"
+    mode, reps = cfg.fid.modes[0], cfg.fid.bootstrap
     rows = []
 
     # 1. decoupling helps (Table 3: N = 8 without any technique against N = 1 plain finetuning)
@@ -86,86 +78,88 @@ def evaluate_claims(cfg, paths, runs: dict[str, dict] | None = None,
         e, m = (nn_[f"fid_{k}_{s3}"] for k in ("ensemble", "merged"))
         rows.append(dict(claim="Decoupling helps (N = 8 models, no other technique, vs one model on all t; Table 3)",
                          evidence=f"N={nn_['n']} ensemble {e:.3f} / merged {m:.3f} vs N=1 {n1[f'fid_merged_{s3}']:.3f} "
-                                  f"(DDIM-{s3}, {nn_['iterations_total']} vs {n1['iterations_total']} iterations)",
-                         verdict=_all([compare(e, n1[f"fid_merged_{s3}"]), compare(m, n1[f"fid_merged_{s3}"])]),
-                         seeds=1))
+                                  f"(DDIM-{s3}, {nn_['iterations_total']} vs {n1['iterations_total']} iterations); "
+                                  "one training seed per sweep run: no interval",
+                         verdict=UNRESOLVED, seeds=1))
     else:
-        v = compare(fid["merged"], fid["plain"])
+        d = paired(paths, mode, "merged", "plain", reps, cfg.seed)
         rows.append(dict(claim="Decoupling helps (Table 3: N = 8 without techniques vs N = 1)",
                          evidence=(f"no Table 3 pair of N = 1 and N > 1 without techniques is measured (runs `t3_n1`, "
-                                   f"`n8_none` of {sweep_cmd}); the full recipe vs the plain control: merged "
-                                   f"{fid['merged']:.3f} vs plain {fid['plain']:.3f} ({v})"
-                                   if fid["merged"] and fid["plain"] else f"run {sweep_cmd}"),
-                         verdict=UNKNOWN, seeds=seeds))
+                                   f"`n8_none` of {sweep_cmd}); the full recipe against the plain control: FID(merged) "
+                                   f"− FID(plain) = {_interval(d)} ({verdict(d)})" if d else f"run {sweep_cmd}"),
+                         verdict=UNRESOLVED, seeds=f"{seeds.get('merged', 0)} / {seeds.get('plain', 0)}"))
 
-    # 2-3. Table 1 comparisons
+    # 2-3. Table 1 comparisons: paired differences over the evaluation samples and training seeds
     for a, b, claim in (("merged", "pretrained", "The merged model beats the pretrained model (Table 1)"),
                         ("merged", "ensemble", "The merged model beats the ensemble on DDPM (Table 1)")):
-        rows.append(dict(claim=claim, evidence=(f"{a} {fid[a]:.3f} vs {b} {fid[b]:.3f}" if fid[a] and fid[b]
+        d = paired(paths, mode, a, b, reps, cfg.seed)
+        rows.append(dict(claim=claim, evidence=(f"FID({a}) − FID({b}) = {_interval(d)} ({a} {fid[a]:.3f}, {b} "
+                                                f"{fid[b]:.3f}); noise mostly from {d.dominant()}" if d
                                                 else "run `dvc repro`"),
-                         verdict=compare(fid[a], fid[b]), seeds=seeds))
+                         verdict=verdict(d), seeds=f"{seeds.get(a, 0)} / {seeds.get(b, 0)}"))
 
     # 4. every technique helps (Table 3 factorial main effects)
     from deme.report.ablation import main_effects
 
     eff = {k: v for k, v in main_effects(runs, s3).items() if v["pairs"]} if runs else {}
     if eff:
-        verdicts = []
-        parts = []
-        for k, v in eff.items():
-            ref = np.mean([r[f"fid_merged_{s3}"] for r in runs.values() if r.get("table3") and r["n"] > 1
-                           and f"fid_merged_{s3}" in r])
-            # a mean change is called when it exceeds the tolerance of the rows' mean FID
-            call = UNKNOWN if abs(v["merged"]) <= FID_TOLERANCE * ref else HOLDS if v["merged"] < 0 else FAILS
-            verdicts.append(call)
-            parts.append(f"{k} {v['merged']:+.3f} ({call})")
+        parts = [f"{k} {v['merged']:+.3f}" for k, v in eff.items()]
         rows.append(dict(claim="Every technique (PS, CL, CP) helps (Table 3)",
-                         evidence="mean Δ merged FID when switched on: " + ", ".join(parts), verdict=_all(verdicts),
-                         seeds=1))
+                         evidence="mean Δ merged FID when switched on: " + ", ".join(parts)
+                                  + "; one training seed per sweep run: no interval",
+                         verdict=UNRESOLVED, seeds=1))
     else:
         rows.append(dict(claim="Every technique (PS, CL, CP) helps (Table 3)",
                          evidence=f"no pair of Table 3 runs that differ in one technique only (the `n8_*` runs of {sweep_cmd})",
-                         verdict=UNKNOWN, seeds=0))
+                         verdict=UNRESOLVED, seeds=0))
 
-    # 5-6. task-vector geometry (Fig. 7, Fig. 6b)
+    # 5-6. task-vector geometry (Fig. 7, Fig. 6b), against the seed floor
     tv = _npz(paths.analysis("taskvec"))
     if tv is not None and "cos" in tv:
         cos = tv["cos"]
-        off = cos[~np.eye(len(cos), dtype=bool)]
-        floor = tv.get("floor")
-        floor_txt = (f"; two seeds of the same interval: {np.mean(floor):.3f}" if floor is not None and np.size(floor)
-                     else "")
-        rows.append(dict(claim="Task vectors are nearly orthogonal (Fig. 7)",
-                         evidence=f"off-diagonal cosine mean {off.mean():.3f}, largest magnitude {np.abs(off).max():.3f}{floor_txt}",
-                         verdict=HOLDS if np.abs(off).max() < ORTHOGONAL else FAILS, seeds=1))
+        off = cos[np.triu_indices(len(cos), 1)]
+        floor = np.asarray(tv.get("floor", []), np.float64)
+        d = mean_difference(off, floor)
+        floor_txt = (f"; the same interval, two training seeds (the floor): mean {floor.mean():.3f} over {floor.size}"
+                     if floor.size else "; no seed floor measured")
+        rows.append(dict(claim="Task vectors of different intervals are nearly orthogonal (Fig. 7): less aligned "
+                               "than two seeds of one interval",
+                         evidence=f"cross-interval cosine mean {off.mean():.3f} (largest magnitude {np.abs(off).max():.3f})"
+                                  f"{floor_txt}" + (f"; difference {_interval(d)}" if d else ""),
+                         verdict=verdict(d), seeds=2 if floor.size else 1))
         norms = tv.get("norms")
         bounds = tv.get("intervals")
         if norms is not None and bounds is not None and len(norms) >= 2:
             T = cfg.schedule.num_train_timesteps
             high = [n for n, (lo, hi) in zip(norms, bounds) if lo >= T // 2]
             low = [n for n, (lo, hi) in zip(norms, bounds) if hi <= T // 2]
-            verdict = HOLDS if high and low and np.mean(high) > np.mean(low) else FAILS if high and low else UNKNOWN
+            d = mean_difference(high, low)
             rows.append(dict(claim="Task vectors are larger at high noise, t in [T/2, T) (Fig. 6b)",
                              evidence="‖τ_i‖ = " + ", ".join(f"{n:.3f}" for n in norms)
-                                      + f" (I1 … I{len(norms)}, low to high noise)", verdict=verdict, seeds=1))
+                                      + f" (I1 … I{len(norms)}, low to high noise)"
+                                      + (f"; high − low {_interval(d)} (intervals as draws)" if d else
+                                         "; too few intervals per half for an interval"),
+                             verdict=verdict(d, paper_sign=1), seeds=1))
     else:
         for claim in ("Task vectors are nearly orthogonal (Fig. 7)", "Task vectors are larger at high noise (Fig. 6b)"):
-            rows.append(dict(claim=claim, evidence="run `dvc repro analyze@taskvec`", verdict=UNKNOWN, seeds=0))
+            rows.append(dict(claim=claim, evidence="run `dvc repro analyze@taskvec`", verdict=UNRESOLVED, seeds=0))
 
     # 7. gradient conflict (Fig. 1a)
     gs = _npz(paths.analysis("gradsim"))
     if gs is not None:
-        adj, far = gradient_agreement(gs["S"], gs["timesteps"])
-        conflict = conflict_fraction(gs["S"], gs["timesteps"])
-        verdict = HOLDS if adj - far > GRAD_GAP and conflict >= CONFLICT_SHARE else FAILS
+        adjacent, far = _pairs(gs["S"], gs["timesteps"])
+        agree = mean_difference(adjacent, far)
+        conflict = mean_difference(far, -far) if far.size >= 2 else None  # 2 mean(far): its sign is mean(far)'s
+        v = _all([verdict(agree, paper_sign=1), verdict(conflict)])
         rows.append(dict(claim="Adjacent timesteps' gradients agree, distant ones conflict (Fig. 1a)",
-                         evidence=f"mean cosine of grid neighbours {adj:.3f} vs timesteps ≥ T/2 apart {far:.3f}; "
-                                  f"{conflict:.0%} of the distant pairs conflict (cosine < 0) "
+                         evidence=f"mean cosine of grid neighbours {adjacent.mean():.3f} vs timesteps ≥ T/2 apart "
+                                  f"{far.mean():.3f} ({_interval(agree) if agree else 'too few pairs'}); "
+                                  f"{(far < 0).mean():.0%} of the distant pairs conflict (cosine < 0) "
                                   f"({len(gs['timesteps'])} timesteps, {int(gs['samples'])} images)",
-                         verdict=verdict, seeds=1))
+                         verdict=v, seeds=1))
     else:
         rows.append(dict(claim="Adjacent timesteps' gradients agree, distant ones conflict (Fig. 1a)",
-                         evidence="run `dvc repro analyze@gradsim`", verdict=UNKNOWN, seeds=0))
+                         evidence="run `dvc repro analyze@gradsim`", verdict=UNRESOLVED, seeds=0))
     return rows
 
 
@@ -173,9 +167,10 @@ def claims_markdown(cfg, paths, runs: dict[str, dict] | None = None, pretrained_
     rows = evaluate_claims(cfg, paths, runs, pretrained_sweep)
     lines = ["| claim (the paper's) | evidence (ours) | verdict | training seeds |", "|---|---|---|---|"]
     lines += [f"| {r['claim']} | {r['evidence']} | **{r['verdict']}** | {r['seeds']} |" for r in rows]
-    lines += ["", f"Rules: an FID difference under {FID_TOLERANCE:.0%} of the larger value is not called either way "
-              "(one training seed and one set of evaluation seeds give no error bar); task vectors count as nearly "
-              f"orthogonal when every off-diagonal cosine is within ±{ORTHOGONAL}; gradients 'agree nearby and conflict far "
-              f"away' when the neighbours' mean cosine exceeds the distant pairs' by more than {GRAD_GAP} and at least "
-              f"{CONFLICT_SHARE:.0%} of the distant pairs have a negative cosine."]
+    lines += ["", "Rule (deme/stats.py, the same for every report): a claim *holds* when the 95 % interval of its "
+              "difference lies on the paper's side of zero, *does not hold* when it lies on the other side, and is "
+              "*not resolved at this budget* otherwise or when there is no interval (one training seed). FID "
+              "differences are paired over the evaluation samples (bootstrap) and carry the training-seed spread; "
+              "the geometric claims use Welch intervals over the measured values (treated as independent draws), "
+              "orthogonality against its seed floor."]
     return "\n".join(lines)

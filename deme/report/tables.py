@@ -104,11 +104,14 @@ def table1(metrics_root: Path, n_intervals: dict[str, int]) -> str:
     for prof in profiles:
         col = fid[prof]
         text = col.map(_fmt)
-        for key in SINGLE_MODEL:  # several training seeds: mean ± std (n)
-            std, n = seed_spread(metrics_root, prof, key)
-            if n > 1 and text[key]:
-                text[key] = f"{text[key]} ± {std:.3f} (n={n})"
-        out[f"{prof} FID (ours)"] = _bold_best(col, text)
+        kids = []
+        for key in fid.index:  # the mean over training seeds, its 95 % interval and n (deme/stats.py)
+            m = _read(metrics_root / prof / "evaluate" / f"{key}.json") or {}
+            if "fid_lo" in m and text[key]:
+                text[key] = f"{text[key]} [{m['fid_lo']:.3f}, {m['fid_hi']:.3f}] n={m.get('training_seeds', 1)}"
+            kids.append(f"{m['kid']:.4f} ± {m['kid_std']:.4f}" if "kid" in m else "")
+        out[f"{prof} FID (ours) [95 % interval] n"] = _bold_best(col, text)
+        out[f"{prof} KID ± std (ours)"] = kids
         pre = col.get("pretrained", np.nan)
         out[f"{prof} Δ vs pretrained"] = [("" if np.isnan(v) or np.isnan(pre) or k in ("pretrained", "floor")
                                            else f"{v - pre:+.3f}") for k, v in col.items()]
@@ -181,6 +184,10 @@ def table2(metrics_root: Path, n_intervals: dict[str, int]) -> str:
             col, pre = data[key], data[key].get("pretrained", np.nan)
             text = pd.Series({k: ("" if np.isnan(v) else f"{v:.2f}" if k == "pretrained" or np.isnan(pre)
                                   else f"{v:.2f} ({v - pre:+.2f})") for k, v in col.items()})
+            for k in text.index:  # the 95 % interval over training seeds and prompts, and n (deme/stats.py)
+                m = _read(metrics_root / prof / "evaluate" / f"{k}.json") or {}
+                if f"{key}_lo" in m and text[k]:
+                    text[k] += f" [{m[f'{key}_lo']:.2f}, {m[f'{key}_hi']:.2f}] n={m.get('training_seeds', 1)}"
             out[f"{prof} {label} (ours)"] = _mark_best(col, text, higher)
         its = iterations_of(metrics_root, prof, n_intervals.get(prof, 0))
         out[f"{prof} iterations"] = [its.get(k, "") for k in out.index]
