@@ -224,7 +224,7 @@ def _tiny_t2i() -> dict:
                          ema_max_decay=0.999, log_every=50, eval_every=0, eval_samples=5000)
     q["featnet"].update(iterations=400)
     q["finetune"].update(iterations=25, batch_size=32, log_every=25, ckpt_every=25)
-    q["deme"].update(p=0.3, seeds=1)  # p: the SD setting (PAPER.md §1.6)
+    q["deme"]["p"] = 0.3  # the SD setting (PAPER.md §1.6)
     q["sweep"]["runs"] = {}  # Table 3 and Fig. 8 are DDPM studies (PAPER.md §3.3, §3.5)
     q["baselines"]["difftuning"].update(variant="kd")  # no prompt-conditioned retention buffer: §6.3's KD form
     q["merge"].update(proxy_samples=96)
@@ -255,6 +255,7 @@ def _tiny_t2i() -> dict:
 def _micro_t2i() -> dict:
     q = _tiny_t2i()
     q["profile"] = "micro_t2i"
+    q["deme"]["seeds"] = 1
     q["data"].update(num_train=512, num_ref=256)
     q["pretrain"].update(iterations=30, batch_size=32, log_every=10, ckpt_every=15)
     q["featnet"].update(iterations=40, batch_size=64, width=8, feature_dim=16)
@@ -285,6 +286,7 @@ def _sd14() -> dict:
     CLIP ViT-g-14, ImageNet 2 x 1000 classes, PartiPrompts 1,632."""
     q = _tiny_t2i()
     q["profile"] = "sd14"
+    q["deme"]["seeds"] = 1  # 3 training seeds of every DeMe model: deme.seeds = 3 (README)
     q["data"].update(kind="laion", resolution=512, num_train=0, num_ref=1000, path="datasets/laion_aes_6.5plus",
                      crop="center")
     q["model"] = {"source": "hub", "pretrained_id": "CompVis/stable-diffusion-v1-4", "local_path": ""}

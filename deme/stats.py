@@ -127,11 +127,12 @@ def mean_estimate(per_seed_values: Sequence[np.ndarray], reps: int = 200, seed: 
 
 
 def difference(a: Sequence[np.ndarray], b: Sequence[np.ndarray], ref: Stats, reps: int = 200, seed: int = 0,
-               level: float = LEVEL) -> Estimate:
+               level: float = LEVEL, fixed_b: bool = False) -> Estimate:
     """FID(a) - FID(b), each the mean over its training seeds (a list of feature arrays, one per seed, all from
     the same evaluation seeds). Evaluation noise: a paired bootstrap (the same resampled indices for a and b).
-    Seed noise: Welch's standard error over the two rows' seeds (a one-seed row, e.g. the one published
-    pretrained model, adds none), Student t with the smaller row's n - 1 degrees of freedom."""
+    Seed noise: Welch's standard error over the two rows' seeds, Student t with the smaller n - 1 of the rows
+    that have several. ``fixed_b``: b is one fixed model (the published pretrained one), not a draw of a training
+    recipe, so it adds no seed noise; a one-seed recipe row borrows the other row's per-seed variance."""
     n = len(a[0])
     if any(len(f) != n for f in (*a, *b)):
         raise ValueError("a paired difference needs the same evaluation samples for both rows")
@@ -140,9 +141,17 @@ def difference(a: Sequence[np.ndarray], b: Sequence[np.ndarray], ref: Stats, rep
     boot = (np.mean([fid_bootstrap(f, ref, idx) for f in a], axis=0)
             - np.mean([fid_bootstrap(f, ref, idx) for f in b], axis=0))
     se_eval = float(np.std(boot, ddof=1))
-    var = [np.var(v, ddof=1) / len(v) for v in (fa, fb) if len(v) >= 2]
-    se_seed = float(np.sqrt(sum(var))) if var else None
-    df = min(len(v) for v in (fa, fb) if len(v) >= 2) - 1 if var else np.inf
+    spread = [np.var(v, ddof=1) for v in (fa, fb) if len(v) >= 2]  # per-seed variances that were measured
+    var = []
+    for v, fixed in ((fa, False), (fb, fixed_b)):
+        if fixed:
+            continue
+        if len(v) >= 2:
+            var.append(np.var(v, ddof=1) / len(v))
+        elif spread:
+            var.append(float(np.mean(spread)))  # one seed: assume the other recipe's spread
+    se_seed = float(np.sqrt(sum(var))) if spread and var else None
+    df = min(len(v) for v in (fa, fb) if len(v) >= 2) - 1 if se_seed is not None else np.inf
     value = float(np.mean(fa) - np.mean(fb))
     half = t_quantile(df, level) * float(np.hypot(se_eval, se_seed or 0.0))
     return Estimate(value, value - half, value + half, min(len(fa), len(fb)), n, se_eval, se_seed)

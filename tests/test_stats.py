@@ -102,3 +102,13 @@ def test_seed_interval():
     assert seed_interval([1.0]) is None
     m, lo, hi = seed_interval([1.0, 2.0, 3.0])
     assert m == 2.0 and lo < 1.0 and hi > 3.0  # t(2) quantile 4.30 x s.e. 0.577
+
+
+def test_one_seed_rows_borrow_the_other_rows_spread_and_a_fixed_model_adds_none(ref):
+    noise = np.random.default_rng(0).normal(0, 1, (500, D))
+    three = [noise + s for s in (0.30, 0.35, 0.40)]
+    fixed = difference(three, [noise + 0.8], ref, reps=50, fixed_b=True)  # the published pretrained model
+    recipe = difference(three, [noise + 0.8], ref, reps=50)  # a one-seed baseline: its spread is not zero
+    assert recipe.se_seed > fixed.se_seed > 0 and recipe.hi - recipe.lo > fixed.hi - fixed.lo
+    only_one = difference([noise + 0.3], [noise + 0.8], ref, reps=50)
+    assert only_one.se_seed is None and "one training seed" in only_one.dominant()

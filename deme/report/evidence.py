@@ -35,7 +35,7 @@ def paired(paths, mode: str, a: str, b: str, reps: int, seed: int, bench: str = 
     ref = paths.bench_stats(bench, mode) if bench else paths.fid_ref(mode)
     if not fa or not fb or not ref.exists() or len(fa[0]) != len(fb[0]):
         return None
-    return difference(fa, fb, Stats.load(ref), reps=reps, seed=seed)
+    return difference(fa, fb, Stats.load(ref), reps=reps, seed=seed, fixed_b=b == "pretrained")
 
 
 def orderings(cfg, paths, bench: str = "") -> list[dict]:
