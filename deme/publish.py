@@ -52,6 +52,8 @@ def model_card(cfg, metrics: dict, lock: dict, floor: float | None, commit: str)
     settings["model"] = {"unet": cfg.to_dict()["model"]["unet"]}
     rows = "\n".join(f"| {int(s)} | {f:.3f} |" for s, f in metrics["fid_curve"])
     ratio = f"{conv['fid'] / floor:.1f}x" if floor else "?"
+    converged = ("converged (a change under 5 %)" if abs(conv["last_doubling_change"]) < 0.05 else
+                 "**not converged** (the criterion: a change under 5 %)")
     return f"""# `{cfg.profile}` pretrained checkpoint
 
 The embedded stand-in for `google/ddpm-cifar10-32`: a diffusers `UNet2DModel` ({metrics['parameters']:,}
@@ -67,7 +69,7 @@ shapes; DDPM, T = {cfg.schedule.num_train_timesteps}, linear betas, epsilon pred
 | final training loss | {metrics['loss']:.5f} |
 | FID (EMA, {cfg.pretrain.eval_samples} samples, {cfg.sample.sampler.upper()}-{cfg.sample.steps}, eta {cfg.sample.eta}) | {conv['fid']:.3f} |
 | data-vs-data floor | {floor if floor is None else f'{floor:.3f}'} ({ratio} the floor) |
-| FID change over the last doubling ({conv['half_steps']:,} → {conv['steps']:,} steps) | {conv['last_doubling_change']:+.1%} |
+| FID change over the last doubling ({conv['half_steps']:,} → {conv['steps']:,} steps) | {conv['last_doubling_change']:+.1%}: {converged} |
 | code | commit `{commit}` |
 | weights sha256 | `{lock.get('sha256', '?')}` |
 
@@ -126,7 +128,7 @@ def publish(params: str = "params.yaml", commit: str | None = None) -> Path:
     with atomic_dir(dest / "pretrained") as tmp:
         for name in KEEP:
             if (src / "model" / name).exists():
-                shutil.copy(src / "model" / name, tmp / name)
+                shutil.copyfile(src / "model" / name, tmp / name)  # the umask's mode, not the cache's
     fid_curve_png(metrics["fid_curve"], floor, dest / "fid_curve.png")
     (dest / "MODEL_CARD.md").write_text(model_card(cfg, metrics, lock, floor, commit or git_commit()))
     return dest

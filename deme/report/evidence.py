@@ -7,8 +7,6 @@ the training-seed spread of both rows (deme/stats.py).
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from deme.metrics.fid import Stats

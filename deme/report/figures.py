@@ -47,6 +47,9 @@ def merge_search(csv: Path, path: Path) -> Path | None:
     if not csv.exists():
         return None
     df = pd.read_csv(csv)
+    title = "merge-weight search"
+    if "seed" in df and df["seed"].nunique() > 1:  # one search per training seed: show the first
+        df, title = df[df["seed"] == df["seed"].min()], f"merge-weight search, training seed {df['seed'].min()}"
     fig, ax = plt.subplots(figsize=(7, 3.6))
     for phase, g in df.groupby("phase", sort=False):
         ax.scatter(g["candidate"], g["proxy_fid"], label=phase, s=22)
@@ -56,7 +59,7 @@ def merge_search(csv: Path, path: Path) -> Path | None:
     best = df.loc[df["proxy_fid"].idxmin()]
     ax.scatter([best["candidate"]], [best["proxy_fid"]], marker="*", s=180, color="gold", edgecolor="k",
                zorder=5, label="selected")
-    ax.set(xlabel="candidate (scoring order)", ylabel="proxy FID", title="merge-weight search")
+    ax.set(xlabel="candidate (scoring order)", ylabel="proxy FID", title=title)
     ax.legend(fontsize=8)
     return _save(fig, path)
 
