@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from deme.metrics.fid import Stats, frechet_distance
+from deme.metrics.fid import Stats, fid_of_features as fid
 
 LEVEL = 0.95
 HOLDS, FAILS, UNRESOLVED = "holds", "does not hold", "not resolved at this budget"
@@ -40,10 +40,6 @@ def percentile_interval(values: Sequence[float], level: float = LEVEL) -> tuple[
     a = 100 * (1 - level) / 2
     lo, hi = np.percentile(np.asarray(values, np.float64), [a, 100 - a])
     return float(lo), float(hi)
-
-
-def fid(feats: np.ndarray, ref: Stats) -> float:
-    return frechet_distance(Stats.of(feats), ref)
 
 
 def fid_bootstrap(feats: np.ndarray, ref: Stats, idx: np.ndarray) -> np.ndarray:
@@ -109,10 +105,9 @@ def estimate(per_seed_feats: Sequence[np.ndarray], ref: Stats, reps: int = 200, 
     """FID of one row: the mean over its training seeds with a 95 % interval over seeds and evaluation samples."""
     idx = bootstrap_indices(len(per_seed_feats[0]), reps, seed)
     values = [fid(f, ref) for f in per_seed_feats]
-    boot = np.mean([fid_bootstrap(f, ref, idx) for f in per_seed_feats], axis=0)
-    value, half, se_seed = _combine(float(np.mean(values)), float(np.std(boot, ddof=1)), values, level)
-    return Estimate(value, value - half, value + half, len(values), len(per_seed_feats[0]),
-                    float(np.std(boot, ddof=1)), se_seed)
+    se_eval = float(np.std(np.mean([fid_bootstrap(f, ref, idx) for f in per_seed_feats], axis=0), ddof=1))
+    value, half, se_seed = _combine(float(np.mean(values)), se_eval, values, level)
+    return Estimate(value, value - half, value + half, len(values), len(per_seed_feats[0]), se_eval, se_seed)
 
 
 def mean_estimate(per_seed_values: Sequence[np.ndarray], reps: int = 200, seed: int = 0,
@@ -120,10 +115,9 @@ def mean_estimate(per_seed_values: Sequence[np.ndarray], reps: int = 200, seed: 
     """A per-sample mean (e.g. the CLIP score over prompts) with the same two noise sources as ``estimate``."""
     idx = bootstrap_indices(len(per_seed_values[0]), reps, seed)
     values = [float(np.mean(v)) for v in per_seed_values]
-    boot = np.mean([np.asarray(v)[idx].mean(axis=1) for v in per_seed_values], axis=0)
-    value, half, se_seed = _combine(float(np.mean(values)), float(np.std(boot, ddof=1)), values, level)
-    return Estimate(value, value - half, value + half, len(values), len(per_seed_values[0]),
-                    float(np.std(boot, ddof=1)), se_seed)
+    se_eval = float(np.std(np.mean([np.asarray(v)[idx].mean(axis=1) for v in per_seed_values], axis=0), ddof=1))
+    value, half, se_seed = _combine(float(np.mean(values)), se_eval, values, level)
+    return Estimate(value, value - half, value + half, len(values), len(per_seed_values[0]), se_eval, se_seed)
 
 
 def difference(a: Sequence[np.ndarray], b: Sequence[np.ndarray], ref: Stats, reps: int = 200, seed: int = 0,

@@ -239,8 +239,9 @@ def body(ctx):
     fid_list = by_mode[f"fid_{head}"]
     # the interval over training seeds and evaluation samples (deme/stats.py); KID from the same features
     est = estimate(head_feats, refs[head], reps=cfg.fid.bootstrap, seed=cfg.seed)
-    kids = ([kid(f, np.load(paths.ref_features(head)), cfg.fid.kid_subsets, cfg.fid.kid_subset_size, cfg.seed)
-             for f in head_feats] if paths.ref_features(head).exists() else [])
+    ref_feats = np.load(paths.ref_features(head)) if paths.ref_features(head).exists() else None
+    kids = ([kid(f, ref_feats, cfg.fid.kid_subsets, cfg.fid.kid_subset_size, cfg.seed) for f in head_feats]
+            if ref_feats is not None else [])
     n_models = len(cfg.deme.intervals) if name == "ensemble" else 1
     out = {"fid": est.value, "fid_lo": est.lo, "fid_hi": est.hi, "fid_se_eval": est.se_eval,
            "fid_se_seed": est.se_seed, "fid_std": float(np.std(fid_list, ddof=1)) if len(fid_list) > 1 else 0.0,
