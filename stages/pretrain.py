@@ -80,6 +80,7 @@ def pretrain_t2i(ctx):
     from deme.models import count_parameters
     from deme.objectives import EpsObjective
     from deme.paths import Paths
+    from deme.resume import content_id, state_digest
     from deme.schedule import alphas_cumprod
     from deme.text2image import (Components, LatentStream, build_cond_unet, build_text_encoder, build_tokenizer,
                                  encode_dataset, latent_shape, save_pipeline, sd_scheduler_config,
@@ -111,9 +112,10 @@ def pretrain_t2i(ctx):
     unet = build_cond_unet(cfg, latent_shape(cfg, comps)[-1])
     ctx.note(f"UNet2DConditionModel with {count_parameters(unet):,} parameters, latents {latent_shape(cfg, comps)}")
     objective = EpsObjective(alphas_cumprod(cfg.schedule).float(), 0, cfg.schedule.num_train_timesteps)
-    ckpt = paths.ckpt("pretrain")
+    ckpt, settings = paths.ckpt("pretrain"), cfg.to_dict()
     unet = train(unet, objective, stream, cfg.pretrain, seed=seed, device=ctx.device, ckpt_dir=ckpt,
-                 fingerprint=json.dumps([cfg.to_dict()["pretrain"], cfg.to_dict()["pipeline"], seed]),
+                 fingerprint=json.dumps([settings[k] for k in ("pretrain", "pipeline", "model", "schedule")] +
+                                        [seed, state_digest(vae), content_id(paths.train)]),
                  log=curve, desc="pretrain", condition=text_conditioner(comps))
     wall = time.perf_counter() - t0
     save_pipeline(paths.pretrained, unet.cpu(), comps.to("cpu"), cfg, method="pretrain", seed=seed,

@@ -286,6 +286,27 @@ def test_finetune_param_makes_exactly_its_dependents_stale(micro_repo):
     assert _stale(work, env) == set()
 
 
+def test_a_module_edit_makes_exactly_its_importers_stale(micro_repo):
+    """Code deps are the import closure: touching deme/merge.py makes stale exactly the image stages whose
+    command imports it, and restoring it makes the pipeline clean again."""
+    from deme import codedeps
+
+    work, env, _ = micro_repo
+    module = work / "deme" / "merge.py"
+    original = module.read_text()
+    cmds = codedeps._stages((work / "dvc.yaml").read_text())
+    want = {name for name, cmd in cmds.items()
+            if not name.startswith("t2i_") and "deme/merge.py" in codedeps.closure(cmd, work)}
+    assert want and want != {n for n in cmds if not n.startswith("t2i_")}  # some stages import it, not all
+    try:
+        module.write_text(original + "\n# touched\n")
+        out = _run([sys.executable, "-m", "dvc", "status", "--json", "dvc.yaml"], work, env)
+        assert {s.split("@")[0] for s in json.loads(out.stdout or "{}") if not s.startswith("t2i_")} == want
+    finally:
+        module.write_text(original)
+    assert _stale(work, env) == set()
+
+
 class _Restoring:
     """Put files and folders back as they were when the block ends (a test that reruns a stage must not leave
     the shared reproduced repository changed for the tests after it)."""
