@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "deme"
 DVC_FILES = ("dvc.yaml", "sweeps/dvc.yaml", "checkpoints/dvc.yaml")
 _CODE = re.compile(r"^(stages|deme)/")
+MARKER = "metrics/params.ok"  # the `validate` stage's output (deme/validation.py)
 
 
 def _module_file(module: str, root: Path) -> Path | None:
@@ -139,7 +140,8 @@ def sync(dvc_file: str | Path, write: bool = False, root: Path = ROOT) -> dict[s
     """Compare (and with ``write`` replace) each stage's code deps with its closure.
 
     Returns ``{stage: (missing, extra)}`` for the stages that differ. Code deps are the deps under
-    ``stages/`` or ``deme/``; every other dep (data, models, statistics) is left as written. Paths are
+    ``stages/`` or ``deme/``; every stage but `validate` also depends on the validation marker
+    (deme/validation.py); every other dep (data, models, statistics) is left as written. Paths are
     relative to the repository root, as every stage of these files runs there (``wdir: ..``).
     """
     path = root / dvc_file
@@ -166,7 +168,11 @@ def sync(dvc_file: str | Path, write: bool = False, root: Path = ROOT) -> dict[s
             (listed if _CODE.match(dep) else kept).append(dep if _CODE.match(dep) else lines[i])
             i += 1
         want = code_deps(cmds[stage], root)
-        missing, extra = sorted(set(want) - set(listed)), sorted(set(listed) - set(want))
+        if stage != "validate" and MARKER not in [k.strip()[2:].split("#")[0].strip() for k in kept]:
+            want, kept = want + [MARKER], kept  # every stage waits for the whole params file's check
+        missing = sorted(set(want) - set(listed))
+        extra = sorted(set(listed) - set(want))
+        want = [w for w in want if w != MARKER] + ([MARKER] if MARKER in want else [])
         if missing or extra:
             diffs[stage] = (missing, extra)
         out += [f"{item}{d}\n" for d in want] + kept

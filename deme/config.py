@@ -355,6 +355,9 @@ class MergeConfig:
         _check(f"{k}.refine_rounds", self.refine_rounds >= 0, "must be >= 0")
         _check(f"{k}.bounds", len(self.bounds) == 2 and self.bounds[0] <= self.bounds[1],
                "must be [low, high] with low <= high")
+        lo, hi = self.bounds if len(self.bounds) == 2 else (float("-inf"), float("inf"))
+        _check(f"{k}.start", lo <= self.start <= hi, f"must lie within merge.bounds [{lo}, {hi}]")
+        _check(f"{k}.coarse", all(lo <= c <= hi for c in self.coarse), f"values must lie within merge.bounds [{lo}, {hi}]")
         _check(f"{k}.proxy_samples", self.proxy_samples >= 16, "must be >= 16")
 
 

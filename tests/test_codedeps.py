@@ -51,10 +51,11 @@ def test_sync_reports_and_rewrites_a_missing_module(tmp_path):
               - out
         """))
     assert codedeps.sync("dvc.yaml", root=tmp_path) == {
-        "s": (["deme/__init__.py", "deme/a.py", "deme/d.py", "deme/sub"], ["deme/unused.py"])}
+        "s": (["deme/__init__.py", "deme/a.py", "deme/d.py", "deme/sub", "metrics/params.ok"], ["deme/unused.py"])}
     codedeps.sync("dvc.yaml", write=True, root=tmp_path)
     assert codedeps.sync("dvc.yaml", root=tmp_path) == {}
-    assert "      - data/x  # data stays\n" in (tmp_path / "dvc.yaml").read_text()
+    text = (tmp_path / "dvc.yaml").read_text()
+    assert "      - data/x  # data stays\n" in text and "      - metrics/params.ok\n" in text
 
 
 def test_digest_changes_with_any_file_of_the_closure_only(tmp_path):

@@ -307,6 +307,32 @@ def test_a_module_edit_makes_exactly_its_importers_stale(micro_repo):
     assert _stale(work, env) == set()
 
 
+# Bad values as `dvc exp run -S` writes them (the fuzz cases of test_params_fuzz.py that -S can express).
+BAD_SET_PARAMS = ["deme.p=1.5", "finetune.iterations=-5", "sample.steps=abc", "data.kind=nope",
+                  "finetune.lr=true", "fid.modes=clean", "merge.start=100", "t2i.sample.eta=2"]
+
+
+def _snapshot(work: Path) -> dict[Path, bytes]:
+    skip = {".git", "mlflow.db", "__pycache__", "tmp"}
+    return {f: f.read_bytes() for f in sorted(work.rglob("*"))
+            if f.is_file() and not skip & set(f.relative_to(work).parts)}
+
+
+def test_a_bad_exp_run_param_leaves_every_output_and_params_yaml_as_they_were(micro_repo):
+    """The `validate` stage runs before DVC removes any output; under `dvc exp run` it puts params.yaml back."""
+    work, env, _ = micro_repo
+    before = _snapshot(work)
+    assert any(p.parts[-2:] == ("micro", "pretrained") or "models" in p.parts for p in before)
+    for setting in BAD_SET_PARAMS:
+        proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "report", "-S", setting], cwd=work,
+                              env=env, capture_output=True, text=True, timeout=300)
+        errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error: ")]
+        assert proc.returncode != 0 and len(errors) == 1 and setting.split("=")[0] in errors[0], (setting, errors)
+        after = _snapshot(work)
+        assert after.keys() == before.keys() and all(after[f] == before[f] for f in before), setting
+    assert _stale(work, env) == set()
+
+
 class _Restoring:
     """Put files and folders back as they were when the block ends (a test that reruns a stage must not leave
     the shared reproduced repository changed for the tests after it)."""
