@@ -91,7 +91,7 @@ def run_stage(name: str, doc: str | None, body: Callable[[StageContext], None], 
 
     from deme.distributed import init
     from deme.models import CheckpointError
-    from deme.tracking import null_run, stage_run
+    from deme.tracking import TrackingError, null_run, stage_run
     from deme.train import NonFiniteLossError, resolve_device, set_threads
 
     set_threads(cfg.runtime.num_threads)
@@ -109,7 +109,7 @@ def run_stage(name: str, doc: str | None, body: Callable[[StageContext], None], 
             ctx = StageContext(cfg, args, run)
             body(ctx)
             run.log_metrics({"stage_seconds": time.perf_counter() - t0})
-    except (StageError, CheckpointError, NonFiniteLossError, FileNotFoundError, ValueError) as e:
+    except (StageError, CheckpointError, NonFiniteLossError, TrackingError, FileNotFoundError, ValueError) as e:
         print(f"error: {label}{'' if dist.is_main else f' (process {dist.rank})'}: {e}", file=sys.stderr)
         return 2
     if not dist.is_main:
