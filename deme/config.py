@@ -873,10 +873,18 @@ def deep_update(base: dict, override: dict) -> dict:
     return out
 
 
+MAX_PARAMS_BYTES = 1 << 20
+
+
 def read_params(path: str | Path = "params.yaml") -> dict:
     path = Path(path)
     if not path.exists():
         raise ConfigError("", f"{path}: file not found (run from the repository root, or pass --params)")
+    if path.exists() and not path.is_dir() and not path.is_file():  # a device or pipe (/dev/zero): never read
+        raise ConfigError("", f"{path}: not a regular file; pass a YAML file")
+    if path.is_file() and path.stat().st_size > MAX_PARAMS_BYTES:
+        raise ConfigError("", f"{path}: {path.stat().st_size:,} bytes; a params file is at most "
+                              f"{MAX_PARAMS_BYTES:,} bytes")
     try:
         data = path.read_bytes()
     except OSError as e:  # a directory, no permission

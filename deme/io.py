@@ -97,6 +97,10 @@ def read_json(path: str | Path) -> Any:
         raise FileNotFoundError(f"{path}: missing (run the stage that makes it: dvc repro)") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: corrupt JSON ({e})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: corrupt JSON (not UTF-8 text)") from None
+    except OSError as e:  # a folder in its place, no permission
+        raise ValueError(f"{path}: unreadable ({e.strerror or type(e).__name__})") from None
 
 
 @contextlib.contextmanager

@@ -6,7 +6,6 @@ weights strictly. Weights are only ever read as safetensors: nothing is unpickle
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -71,7 +70,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Modul
     if not (path / "config.json").exists():
         raise CheckpointError(f"{path}: no model here (config.json missing); rerun the stage that makes it "
                               f"(dvc repro) or fix the path")
-    config = json.loads((path / "config.json").read_text())
+    try:
+        config = read_json(path / "config.json")
+    except ValueError as e:
+        raise CheckpointError(f"{e}; rerun the stage that makes {path} (dvc repro)") from None
     cls = _model_class(config)
     meta = model_meta(path)
     if not meta.get("channel_projection"):
@@ -89,7 +91,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Modul
         state = load_file(weights)
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
         raise CheckpointError(f"{weights}: corrupt or truncated checkpoint ({e}); rerun the stage") from None
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # torch's message lists every key; the first line says what is wrong
+        reason = (str(e).strip().splitlines() or ["mismatch"])[0][:200]
+        raise CheckpointError(f"{weights}: weights do not fit the model of {path / 'config.json'} ({reason}); "
+                              f"rerun the stage that makes {path}") from None
     return model.to(device).eval()
 
 

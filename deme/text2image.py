@@ -432,7 +432,9 @@ def load_prompt_set(paths, bench: str) -> dict:
     p = paths.prompts(bench)
     if not p.exists():
         raise CheckpointError(f"{p}: prompt set missing; make it with: dvc repro t2i_prepare")
-    return json.loads(p.read_text())
+    from deme.io import read_json
+
+    return read_json(p)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -24,12 +24,29 @@ MARKER_TEXT = "params.yaml passed validation (deme/validation.py); this file nev
 REJECTED = Path(".dvc/tmp/params.rejected.yaml")
 
 
+def memory_bytes() -> int:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_machine(cfg) -> None:
+    """Values that size memory, against this machine: the generated data set lives in memory while made."""
+    d, key = cfg.data, "data.num_train" if cfg.task == "image" else "t2i.data.num_train"
+    if d.kind == "shapes":
+        need = (d.num_train + d.num_ref) * d.resolution ** 2 * 3
+        if need > memory_bytes() // 2:
+            raise ConfigError(key, f"{d.num_train} + {d.num_ref} generated images of {d.resolution}x{d.resolution} "
+                                   f"need {need / 2**30:.1f} GiB of memory; this machine has "
+                                   f"{memory_bytes() / 2**30:.1f} GiB (at most half of it may go to the data)")
+
+
 def check(path: str | Path = "params.yaml") -> None:
-    """Validate both pipelines' sections of ``path`` exactly as the stages load them; ConfigError if not."""
+    """Validate both pipelines' sections of ``path`` exactly as the stages load them, and what sizes memory
+    against this machine; ConfigError if not."""
     raw = read_params(path)
-    config_from_mapping(raw)
+    check_machine(config_from_mapping(raw))
     if "t2i" in raw:
-        config_from_mapping(raw, "t2i")
+        check_machine(config_from_mapping(raw, "t2i"))
 
 
 def _set(doc, keys: list[str], base) -> bool:

@@ -23,7 +23,7 @@ from deme.cli import run_stage  # noqa: E402
 
 def t2i_report(ctx):
     """reports/<t2i profile>/report.md: Table 2 (PAPER.md §3.2) and what stands behind it."""
-    import json
+    from deme.io import read_json
     import shutil
 
     from deme.io import atomic_dir
@@ -37,7 +37,7 @@ def t2i_report(ctx):
 
     def read(*parts):
         p = metrics.joinpath(*parts)
-        return json.loads(p.read_text()) if p.exists() else {}
+        return read_json(p) if p.exists() else {}
 
     profiles = measured_profiles(metrics, "t2i")
     n = {p: len((read(p, "merge.json").get("weights") or [[]])[0]) for p in profiles}
@@ -132,7 +132,7 @@ def t2i_report(ctx):
 
 
 def body(ctx):
-    import json
+    from deme.io import read_json
     import shutil
 
     from deme.io import atomic_dir
@@ -149,7 +149,7 @@ def body(ctx):
 
     def read(*parts):
         p = metrics.joinpath(*parts)
-        return json.loads(p.read_text()) if p.exists() else {}
+        return read_json(p) if p.exists() else {}
 
     merge = read(prof, "merge.json")
     n_by_profile = {p.name: len((read(p.name, "merge.json").get("weights") or [[]])[0]) or cfg.deme.n

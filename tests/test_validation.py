@@ -2,6 +2,7 @@
 a bad value is one line naming the key, and under `dvc exp run` the rejected file is put back."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -68,3 +69,53 @@ def test_stage_script_exit_status(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error: params.yaml: profile: unknown image profile")
     assert "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------- one line, naming it
+
+
+def test_values_that_size_memory_are_checked_against_the_machine(tmp_path):
+    import pytest
+
+    from deme.config import ConfigError
+
+    (tmp_path / "p.yaml").write_text("profile: tiny\ndata:\n  num_train: 100000000\n")
+    with pytest.raises(ConfigError) as e:
+        validation.check(tmp_path / "p.yaml")
+    assert e.value.key == "data.num_train" and "GiB" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_device_or_a_huge_file_as_params_is_refused_without_reading_it(tmp_path):
+    huge = tmp_path / "huge.yaml"
+    huge.write_bytes(b"#" * (2 << 20))
+    for path, words in (("/dev/zero", "not a regular file"), (str(huge), "at most")):
+        proc = subprocess.run([sys.executable, str(REPO / "stages" / "prepare.py"), "--params", path], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and words in proc.stderr and path in proc.stderr
+
+
+def test_corrupt_json_and_mismatched_weights_name_the_file(tmp_path):
+    import pytest
+
+    from conftest import make_tiny_unet
+    from deme.io import read_json
+    from deme.models import CheckpointError, load_model
+    from deme.report.tables import _read
+
+    bad = tmp_path / "merged.json"
+    bad.write_text('{"fid":\n')
+    for reader in (read_json, _read):
+        with pytest.raises(ValueError, match=str(bad)):
+            reader(bad)
+    model = make_tiny_unet()
+    model.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=str(tmp_path / "m" / "config.json")):
+        load_model(tmp_path / "m")
+    model.save_pretrained(tmp_path / "m")  # weights that do not fit the model its config.json describes
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["layers_per_block"] = cfg.get("layers_per_block", 1) + 1
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError) as e:
+        load_model(tmp_path / "m")
+    assert "\n" not in str(e.value) and str(tmp_path / "m") in str(e.value)

@@ -1,7 +1,6 @@
 """Tables of the report: measured numbers from DVC-tracked metrics JSON, paper numbers beside them."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +28,10 @@ SINGLE_MODEL = SINGLE_MODEL_METHODS
 
 
 def _read(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+    """A metrics file, or None if there is none; a corrupt one is an error naming it."""
+    from deme.io import read_json
+
+    return read_json(path) if path.is_file() else None
 
 
 def measured_profiles(metrics_root: Path, task: str = "image") -> list[str]:
