@@ -339,16 +339,16 @@ def main(argv: list[str] | None = None) -> int:
     u = sub.add_parser("use", help="write a profile's preset to params.yaml (the old file is kept as .bak); a "
                                    "text-to-image profile goes to its `t2i:` section, the rest is kept")
     u.add_argument("name", choices=sorted(PROFILES))
-    u.add_argument("--params", default="params.yaml")
+    u.add_argument("--params", default=None, help="default: params.yaml at the repository root (where dvc.yaml is)")
     args = ap.parse_args(argv)
     if args.cmd == "list":
         print("\n".join(PROFILES))
     elif args.cmd == "show":
         print(dump_yaml(preset(args.name)), end="")
     else:
-        from deme.io import atomic_write_text
+        from deme.io import atomic_write_text, repo_root
 
-        path = Path(args.params)
+        path = Path(args.params) if args.params else repo_root() / "params.yaml"
         old = yaml.safe_load(path.read_text()) if path.exists() else None
         old = old if isinstance(old, dict) else {}
         if path.exists():
