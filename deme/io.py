@@ -133,7 +133,7 @@ def derive_seed(base: int, *purpose: Any) -> int:
 
 
 # Per-image sampling seeds live in disjoint ranges by purpose, so the merge search and the final
-# evaluation never share initial noise (PAPER.md §1.8, selection-bias caveat).
+# evaluation never share initial noise (docs/paper.md §1.8, selection-bias caveat).
 SEED_SPACES = {"eval": 0, "search": 1, "grid": 2, "analysis": 3, "buffer": 4, "curve": 5}
 SEED_SPACE_SIZE = 10_000_000  # samples per (base seed, purpose)
 

@@ -157,7 +157,7 @@ def fetch_checkpoint(cfg: Config) -> tuple[nn.Module, str]:
 
 
 def check_architecture(model: nn.Module, cfg: Config) -> None:
-    """The checkpoint must be the UNet the profile describes (PAPER.md §8.1): compare the config keys."""
+    """The checkpoint must be the UNet the profile describes (docs/paper.md §8.1): compare the config keys."""
     want = {"sample_size": cfg.data.resolution, **cfg.model.unet.kwargs()}
     have = dict(model.config)
     bad = [f"{k}: checkpoint {have.get(k)!r} vs params {v!r}" for k, v in want.items()
@@ -168,7 +168,7 @@ def check_architecture(model: nn.Module, cfg: Config) -> None:
 
 
 def frozen_teacher(cfg: Config, device: str | torch.device = "cpu") -> nn.Module:
-    """The frozen pre-finetuning model (without projections) of the consistency loss, PAPER.md §1.3."""
+    """The frozen pre-finetuning model (without projections) of the consistency loss, docs/paper.md §1.3."""
     teacher = load_pretrained(cfg, device)
     teacher.requires_grad_(False)
     return teacher.eval()

@@ -186,7 +186,7 @@ class Run:
         try:
             if not client.search_registered_models(filter_string=f"name = '{name}'"):
                 client.create_registered_model(name, description="DeMe merged model: theta + sum_i w_i tau_i "
-                                                                 "(PAPER.md §1.8)")
+                                                                 "(docs/paper.md §1.8)")
             version = client.create_model_version(name, f"{self.run.info.artifact_uri}/model", run_id=self.id,
                                                   tags={k: str(v) for k, v in (tags or {}).items()})
         except Exception as e:  # e.g. a file-store URI, which has no registry

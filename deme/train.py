@@ -1,7 +1,7 @@
 """The training loop, shared by pretraining, DeMe interval finetuning, plain finetuning and baselines.
 
 Read top to bottom: AdamW with constant LR, gradient accumulation and global-norm clipping through
-accelerate, EMA with warm-up (decay(step) = min(max, 1 - (1 + step/inv_gamma)^-power), PAPER.md §1.6), a
+accelerate, EMA with warm-up (decay(step) = min(max, 1 - (1 + step/inv_gamma)^-power), docs/paper.md §1.6), a
 NaN guard that names the step and the loss terms, and resumable checkpoints.
 
 Determinism: the data order and every random draw of step s come from seeds derived from (seed, s), so a
@@ -98,7 +98,7 @@ def train(model: nn.Module, objective, images, cfg: TrainConfig, *, seed: int,
     Under ``accelerate launch`` every process trains on its own data stream (seeded by its rank) and
     gradients are averaged (DDP); only the main process logs and writes checkpoints. ``evaluate`` is called
     on every process with the EMA weights every ``cfg.eval_every`` steps (e.g. the FID-5K curve of
-    PAPER.md §1.6); its metrics are logged at that step. ``keep_final``: also checkpoint the last step, so a
+    docs/paper.md §1.6); its metrics are logged at that step. ``keep_final``: also checkpoint the last step, so a
     longer run with the same settings (a schedule that does not depend on ``iterations``) continues from it.
     """
     from accelerate import Accelerator
@@ -196,7 +196,7 @@ def train(model: nn.Module, objective, images, cfg: TrainConfig, *, seed: int,
 
     acc.wait_for_everyone()
     final = acc.unwrap_model(model)
-    ema.copy_to(final.parameters())  # task vectors are computed from the EMA weights (PAPER.md §1.6)
+    ema.copy_to(final.parameters())  # task vectors are computed from the EMA weights (docs/paper.md §1.6)
     return final.eval()
 
 

@@ -1,4 +1,4 @@
-"""Stage `buffer`: Diff-Tuning's retention buffer, sampled once from the pretrained model (PAPER.md §6.2).
+"""Stage `buffer`: Diff-Tuning's retention buffer, sampled once from the pretrained model (docs/paper.md §6.2).
 
 `baselines.difftuning.buffer_size` images by DDIM (`buffer_steps` steps, eta 0) from per-image seeds of
 their own range (disjoint from evaluation and search seeds). Written as a dataset file

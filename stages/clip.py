@@ -1,4 +1,4 @@
-"""Stage `clip`: the CLIP model of the CLIP score (PAPER.md §1.9, §8.3). Text-to-image only: run with --t2i.
+"""Stage `clip`: the CLIP model of the CLIP score (docs/paper.md §1.9, §8.3). Text-to-image only: run with --t2i.
 
 `clip.train: true` (tiny_t2i): train a small open_clip model (ViT image tower, CLIP text transformer with
 the real BPE vocabulary) contrastively on the training images and their captions, save it in the open_clip

@@ -3,15 +3,15 @@
 --model pretrained | ensemble | merged | plain | <baseline>. DDIM (params `sample`: 50 steps, eta 0) from
 per-image seeds shared by every model, so all models start from the same noise; FID against the held-out
 reference statistics in the profile's feature space. `ensemble` is DeMe before merge: model i serves the
-steps whose timestep lies in interval i (PAPER.md §1.7). A single-model method trained with several seeds
+steps whose timestep lies in interval i (docs/paper.md §1.7). A single-model method trained with several seeds
 (`baselines.seeds`) is evaluated once per seed: the metrics hold the mean, the standard deviation and every
 seed's FID. Writes metrics/<profile>/evaluate/<model>.json and samples/<profile>/<model>.png.
 
-Text-to-image (`--t2i`, PAPER.md §3.2): the zero-shot benchmarks of Table 2, one image per prompt from
+Text-to-image (`--t2i`, docs/paper.md §3.2): the zero-shot benchmarks of Table 2, one image per prompt from
 per-prompt seeds shared by every model, classifier-free guidance t2i.pipeline.guidance_scale with the sampler of
 `sample.sampler` (PNDM-50 on sd14): COCO (FID against the val2014 statistics at benchmarks.fid_resolution,
 plus CLIP score), ImageNet (template x class names; FID and CLIP), PartiPrompts (CLIP only). CLIP score =
-100 x cosine of the normalised open_clip embeddings (PAPER.md §8.3). The ensemble's interval model serves
+100 x cosine of the normalised open_clip embeddings (docs/paper.md §8.3). The ensemble's interval model serves
 both CFG branches. Also writes samples/<profile>/<model>-prompts.png (the first benchmarks.grid_prompts
 PartiPrompts), the report's prompt-by-model grid.
 
@@ -89,7 +89,7 @@ def rate(images_per_s):
     return f"{images_per_s:.1f} img/s" if images_per_s else "every batch resumed, no rate measured"
 
 
-BENCHMARKS = {"coco": True, "imagenet": True, "parti": False}  # name -> has an FID (PAPER.md §3.2)
+BENCHMARKS = {"coco": True, "imagenet": True, "parti": False}  # name -> has an FID (docs/paper.md §3.2)
 
 
 def shards(ctx, model, k, spaces, part="", **more):

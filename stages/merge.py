@@ -1,4 +1,4 @@
-"""Stage `merge`: task-vector merge of the N interval models with searched weights (PAPER.md §1.8).
+"""Stage `merge`: task-vector merge of the N interval models with searched weights (docs/paper.md §1.8).
 
 tau_i = theta_i - theta (EMA weights; theta includes identity projections), theta_merged = theta +
 sum_i w_i tau_i. The weights come from a coarse-to-fine search scored by FID on a proxy sample set whose

@@ -22,7 +22,7 @@ from deme.cli import run_stage  # noqa: E402
 
 
 def t2i_report(ctx):
-    """reports/<t2i profile>/report.md: Table 2 (PAPER.md §3.2) and what stands behind it."""
+    """reports/<t2i profile>/report.md: Table 2 (docs/paper.md §3.2) and what stands behind it."""
     from deme.io import read_json
     import shutil
 
@@ -59,7 +59,7 @@ def t2i_report(ctx):
             "",
             f"{paper_table('table2')['title']}: the *(paper)* columns. *(ours)*: every text-to-image profile that "
             "has been run, the delta against that profile's pretrained model in brackets, best per column in "
-            "bold. CLIP score = 100 x cosine of the normalised open_clip embeddings (PAPER.md §8.3).",
+            "bold. CLIP score = 100 x cosine of the normalised open_clip embeddings (docs/paper.md §8.3).",
             "",
             f"`{prof}`: {pre.get('sampler', '?')}-{pre.get('steps', '?')}, guidance {pre.get('guidance_scale', '?')}, "
             "one image per prompt from per-prompt seeds shared by every model; prompts: "
@@ -207,7 +207,7 @@ def body(ctx):
             "",
             *(["Rows of the paper's Table 1 that this profile does not run (the paper's numbers only):", "",
                paper_only_rows(), ""] if paper_only_rows() else []),
-            "### Loss weightings of the baselines (PAPER.md §2.1)",
+            "### Loss weightings of the baselines (docs/paper.md §2.1)",
             "",
             "![weightings](weightings.png)",
             "",
@@ -260,7 +260,7 @@ def body(ctx):
     ctx.wrote(out_dir / "report.md")
 
 
-ANALYSIS_FIGURES = [  # (analysis, figure file, heading, what it shows), PAPER.md §4
+ANALYSIS_FIGURES = [  # (analysis, figure file, heading, what it shows), docs/paper.md §4
     ("gradsim", "fig1a", "Fig. 1a: gradient conflict across timesteps",
      "Cosine similarity of the pretrained model's eps-MSE gradients at pairs of timesteps (same images and "
      "noise for every t), and the distribution of the off-diagonal entries over all timesteps and over the first "
@@ -281,7 +281,7 @@ ANALYSIS_FIGURES = [  # (analysis, figure file, heading, what it shows), PAPER.m
      "different seeds."),
     ("sequence", "fig_sequence", "Sequence view: x0 predictions at the end of each interval",
      "From the same noise, the predicted x0 at the last sampling step of every interval (high to low noise) for the "
-     "pretrained, interval, ensemble and merged models (the reviewers' request, PAPER.md §4)."),
+     "pretrained, interval, ensemble and merged models (the reviewers' request, docs/paper.md §4)."),
 ]
 
 
@@ -298,7 +298,7 @@ def analysis_sections(cfg, tmp):
              f"Measured by the evaluate stage on the machine that ran it ({cfg.sample.sampler.upper()}-{cfg.sample.steps}, "
              f"batch {cfg.sample.batch_size}, sampling and feature extraction included; the dev machine: 2 CPU cores).", "",
              table4_markdown(Path("metrics"), cfg.profile), "",
-             "## Analysis figures (PAPER.md §4)", "",
+             "## Analysis figures (docs/paper.md §4)", "",
              "Each is drawn from the npz in analysis/<profile>/ (a DVC output); PDFs beside the PNGs in "
              f"figures/{cfg.profile}/.", ""]
     for name, fig, title, text in ANALYSIS_FIGURES:

@@ -1,7 +1,7 @@
 """Stage `sweep@<run>` (sweeps/dvc.yaml): one run of Table 3 or Fig. 8, trained, merged and evaluated.
 
 A run (params `sweep.runs.<run>`) is a DeMe variant: N intervals, probabilistic sampling (and p), the
-consistency loss and the channel-wise projection switched on or off (PAPER.md §3.3, §3.5, §5 A1-A9, S1-S2).
+consistency loss and the channel-wise projection switched on or off (docs/paper.md §3.3, §3.5, §5 A1-A9, S1-S2).
 Its N interval models are trained as the finetune stage trains them (same objective, seeds and loop) with
 the budget of `sweep.budget`/`sweep.iterations`; for N > 1 their task vectors are merged with weights found
 by the search of `sweep.merge` (proxy FID, search seeds); then the ensemble ("before merge") and the merged
@@ -36,7 +36,7 @@ def item(args):
 def _run(ctx):
     cfg, name = ctx.cfg, ctx.args.run
     if cfg.task != "image":
-        raise StageError("the sweep (Table 3, Fig. 8) runs on image profiles (PAPER.md §3.3: CIFAR10)")
+        raise StageError("the sweep (Table 3, Fig. 8) runs on image profiles (docs/paper.md §3.3: CIFAR10)")
     if name not in cfg.sweep.runs:
         raise StageError(f"--run {name!r} is not in params sweep.runs (allowed: {', '.join(cfg.sweep.runs) or 'none'})")
     return cfg.sweep.runs[name]
@@ -73,7 +73,7 @@ def body(ctx):
 
     if ctx.args.pretrained:
         if cfg.task != "image":
-            raise StageError("the sweep (Table 3, Fig. 8) runs on image profiles (PAPER.md §3.3: CIFAR10)")
+            raise StageError("the sweep (Table 3, Fig. 8) runs on image profiles (docs/paper.md §3.3: CIFAR10)")
         model = load_pretrained(cfg)
         steps = sorted({cfg.sweep.table3_steps, cfg.sample.steps})
         out = {"run": "pretrained", "num_samples": n_eval, "steps": steps}
@@ -94,7 +94,7 @@ def body(ctx):
              f"CL={'on' if d.consistency_loss else 'off'}, CP={'on' if d.channel_projection else 'off'}; "
              f"{vcfg.finetune.iterations} iterations per model ({cfg.sweep.budget} budget)")
 
-    # 1. the N interval models (PAPER.md §1.3-1.5), resumable per model
+    # 1. the N interval models (docs/paper.md §1.3-1.5), resumable per model
     images = load_images(paths.train)
     teacher = frozen_teacher(vcfg) if d.consistency_loss and d.consistency_weight > 0 else None
     t0 = time.perf_counter()
@@ -104,7 +104,7 @@ def body(ctx):
                                      teacher=teacher, desc=f"sweep@{name} interval {i}/{d.n}"))
     train_s = time.perf_counter() - t0
 
-    # 2. merge (N > 1): theta + sum_i w_i tau_i with searched weights (PAPER.md §1.8)
+    # 2. merge (N > 1): theta + sum_i w_i tau_i with searched weights (docs/paper.md §1.8)
     base = load_pretrained(vcfg)
     if d.channel_projection:
         add_channel_projection(base)

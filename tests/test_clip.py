@@ -1,4 +1,4 @@
-"""The CLIP score (PAPER.md §1.9, §8.3): deme/metrics/clip.py and stages/clip.py.
+"""The CLIP score (docs/paper.md §1.9, §8.3): deme/metrics/clip.py and stages/clip.py.
 
 - The small open_clip model saved in the hub layout loads back through open_clip's own
   ``create_model_and_transforms`` (by registered name + weights file, and via ``local-dir:``) with identical

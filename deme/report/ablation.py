@@ -1,6 +1,6 @@
 """Table 3 (technique ablation), Fig. 8 (sensitivity to N and p) and Table 4 (cost against
 mixture-of-experts methods): measured rows from the sweep's and the evaluate stage's JSON, the paper's
-numbers beside them in columns labelled as the paper's (PAPER.md §3.3-3.5)."""
+numbers beside them in columns labelled as the paper's (docs/paper.md §3.3-3.5)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -75,7 +75,7 @@ def table3_markdown(runs: dict[str, dict], steps: int, pretrained: dict | None) 
 
 def main_effects(runs: dict[str, dict], steps: int, n: int | None = None) -> dict[str, dict]:
     """Average change of the FID when one technique is switched on, over the factorial rows at N = n that
-    differ only in that technique (PAPER.md §5 A3-A9): {technique: {"ensemble": d, "merged": d, "pairs": k}}."""
+    differ only in that technique (docs/paper.md §5 A3-A9): {technique: {"ensemble": d, "merged": d, "pairs": k}}."""
     rows = [r for r in runs.values() if r.get("table3") and r["n"] > 1 and (n is None or r["n"] == n)
             and f"fid_merged_{steps}" in r]
     keys = {"PS": "probabilistic_sampling", "CL": "consistency_loss", "CP": "channel_projection"}

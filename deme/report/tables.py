@@ -134,7 +134,7 @@ def paper_only_rows(table: str = "table1") -> str:
     return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True) if rows else ""
 
 
-# Table 2 (PAPER.md §3.2): the text-to-image rows, in the paper's order, and its metric columns.
+# Table 2 (docs/paper.md §3.2): the text-to-image rows, in the paper's order, and its metric columns.
 TABLE2_ROWS = [
     ("pretrained", "Pretrained (before finetuning)", "pretrained"),
     ("plain", "Plain finetuning (control)", None),
