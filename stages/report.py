@@ -31,6 +31,8 @@ def t2i_report(ctx):
     from deme.report.paper import paper_numbers, paper_table
     from deme.paths import Paths
     from deme.report.evidence import orderings_markdown
+    from deme.io import write_json
+    from deme.report.summary import summary
     from deme.report.tables import TABLE2_ROWS, measured_profiles, table2
 
     prof, metrics = ctx.cfg.profile, Path("metrics")
@@ -44,7 +46,17 @@ def t2i_report(ctx):
     pre, clip, train = read(prof, "evaluate", "pretrained.json"), read(prof, "clip.json"), read(prof, "train", "pretrain.json")
     merge, ref = read(prof, "merge.json"), read(prof, "fid_ref.json")
     out_dir = Path("reports") / prof
+    summ = summary(metrics, prof, "t2i")
     with atomic_dir(out_dir) as tmp:
+        prompts = pre.get("grid_prompts", [])
+        short = {"pretrained": "Pretrained", "plain": "Plain", "difftuning": "Diff-Tuning",
+                 "ensemble": "DeMe ensemble", "merged": "DeMe merged"}
+        models = [(k, short.get(k, label)) for k, label, _ in TABLE2_ROWS]
+        glance = [f for f in (figures.fid_chart(summ, tmp / "fid.png", "coco_fid", "COCO FID"),
+                              figures.fid_chart(summ, tmp / "clip.png", "coco_clip", "COCO CLIP score (higher is "
+                                                                                     "better)"),
+                              figures.prompt_grid(Path("samples") / prof, models, prompts, tmp / "prompt_grid.png"))
+                  if f]
         lines = [
             f"# DeMe Suite report: text-to-image profile `{prof}`",
             "",
@@ -55,6 +67,10 @@ def t2i_report(ctx):
                "numbers are on different scales from the paper's: compare directions and orderings, not values."
                if ctx.cfg.clip.train else ""),
             "",
+            *(["## At a glance", "",
+               "COCO FID and CLIP score of every model (mean over its training seeds, 95 % interval, n seeds; grey: "
+               "the pretrained model's interval), then one PartiPrompts image per model and prompt, same seed per "
+               "prompt.", "", *[f"![{f.stem}]({f.name})" for f in glance], ""] if glance else []),
             "## Table 2: zero-shot text-to-image (FID and CLIP score)",
             "",
             f"{paper_table('table2')['title']}: the *(paper)* columns. *(ours)*: every text-to-image profile that "
@@ -112,27 +128,34 @@ def t2i_report(ctx):
                 lines += ["![merge search](merge_search.png)", ""]
         if figures.training_curves(Path("plots") / prof, tmp / "training_curves.png"):
             lines += ["## Training curves", "", "![training curves](training_curves.png)", ""]
-        prompts = pre.get("grid_prompts", [])
-        short = {"pretrained": "Pretrained", "plain": "Plain", "difftuning": "Diff-Tuning",
-                 "ensemble": "DeMe ensemble", "merged": "DeMe merged"}
-        models = [(k, short.get(k, label)) for k, label, _ in TABLE2_ROWS]
-        if figures.prompt_grid(Path("samples") / prof, models, prompts, tmp / "prompt_grid.png"):
-            lines += ["## Prompt-by-model grid (PartiPrompts, same seed per prompt for every model)", "",
-                      "![prompt grid](prompt_grid.png)", ""]
-        lines += ["## Samples (COCO prompts, same seeds for every model)", ""]
-        for key, label, _ in TABLE2_ROWS:
+        grids = []
+        for key, _, _ in TABLE2_ROWS:
             src = Path("samples") / prof / f"{key}.png"
             if src.exists():
                 shutil.copy(src, tmp / f"samples_{key}.png")
-                lines += [f"**{label}**", "", f"![{key}](samples_{key}.png)", ""]
+                grids.append(key)
+        lines += ["## Samples (COCO prompts, same seeds for every model)", "", *grid_table(grids)]
         (tmp / "report.md").write_text("\n".join(lines) + "\n")
         for f in tmp.iterdir():
             ctx.run.log_artifact(f, "report")
+    write_json(metrics / f"{prof}.json", summ)
     ctx.wrote(out_dir / "report.md")
+    ctx.wrote(metrics / f"{prof}.json", "the profile's summary metrics: dvc metrics show")
+
+
+def grid_table(names: list[str], cols: int = 3) -> list[str]:
+    """Markdown lines: the sample grids ``samples_<name>.png`` side by side, ``cols`` per row."""
+    if not names:
+        return []
+    lines = ["| " + " | ".join([""] * cols) + " |", "|" + "---|" * cols]
+    for i in range(0, len(names), cols):
+        chunk = names[i:i + cols] + [""] * (cols - len(names[i:i + cols]))
+        lines.append("| " + " | ".join(f"**{n}**<br>![{n}](samples_{n}.png)" if n else "" for n in chunk) + " |")
+    return lines + [""]
 
 
 def body(ctx):
-    from deme.io import read_json
+    from deme.io import read_json, write_json
     import shutil
 
     from deme.io import atomic_dir
@@ -140,6 +163,7 @@ def body(ctx):
     from deme.report.paper import paper_numbers
     from deme.paths import Paths
     from deme.report.evidence import orderings_markdown
+    from deme.report.summary import summary
     from deme.report.tables import SINGLE_MODEL, paper_only_rows, table1
 
     cfg, prof = ctx.cfg, ctx.cfg.profile
@@ -159,8 +183,13 @@ def body(ctx):
         figs = {"curves": figures.training_curves(Path("plots") / prof, tmp / "training_curves.png"),
                 "weights": figures.weightings(tmp / "weightings.png"),
                 "search": figures.merge_search(Path("plots") / prof / "merge_search.csv", tmp / "merge_search.png")}
-        grids = []
+        summ = summary(metrics, prof)
         plain, *baselines = SINGLE_MODEL
+        figs["fid"] = figures.fid_chart(summ, tmp / "fid.png")
+        figs["strips"] = figures.sample_strips(Path("samples") / prof, ["pretrained", plain, *baselines, "ensemble",
+                                               "merged"], tmp / "samples_side_by_side.png",
+                                               rows=max(1, round(cfg.sample.grid_size ** 0.5)))
+        grids = []
         for name in ("data", "pretrained", plain, "ensemble", "merged", *baselines, "buffer"):
             src = Path("samples") / prof / f"{name}.png"
             if src.exists():
@@ -182,6 +211,11 @@ def body(ctx):
                f"FID is Inception-v3 in clean-fid mode `{cfg.fid.modes[0]}` (comparable with the paper's "
                "pytorch-fid when legacy_pytorch); every mode's value is in metrics/<profile>/evaluate/*.json."),
             "",
+            *(["## At a glance", "",
+               "FID of every model (mean over its training seeds, 95 % interval, n seeds; the grey band is the "
+               "pretrained model's interval), then the first row of every model's samples from the same noise.",
+               "", "![FID](fid.png)", ""] if figs["fid"] else []),
+            *(["![samples side by side](samples_side_by_side.png)", ""] if figs["strips"] else []),
             "## Table 1: FID of the pretrained, finetuned, ensemble and merged models",
             "",
             f"Sampler: {sample.get('sampler', '?').upper()}-{sample.get('steps', '?')}, eta {sample.get('eta', '?')}, "
@@ -248,16 +282,16 @@ def body(ctx):
         ]
         if figs["curves"]:
             lines += ["![training curves](training_curves.png)", ""]
-        lines += ["## Samples (same initial noise for every model)", ""]
-        for g in grids:
-            lines += [f"**{g}**", "", f"![{g}](samples_{g}.png)", ""]
+        lines += ["## Samples (same initial noise for every model)", "", *grid_table(grids)]
         lines += analysis_sections(cfg, tmp)
         (tmp / "report.md").write_text("\n".join(lines) + "\n")
         for f in tmp.iterdir():
             if f.suffix == ".png":
                 ctx.run.log_artifact(f, "report")
         ctx.run.log_artifact(tmp / "report.md", "report")
+    write_json(metrics / f"{prof}.json", summ)
     ctx.wrote(out_dir / "report.md")
+    ctx.wrote(metrics / f"{prof}.json", "the profile's summary metrics: dvc metrics show")
 
 
 ANALYSIS_FIGURES = [  # (analysis, figure file, heading, what it shows), docs/paper.md §4
@@ -325,7 +359,12 @@ def sweep_report(ctx):
     from deme.report.paper import paper_numbers
 
     cfg, paths = ctx.cfg, Paths(ctx.cfg.profile)
+    from deme.io import write_json
+    from deme.report.summary import sweep_summary
+
     runs = ablation.load_runs(paths.sweep_metrics("x").parent)
+    write_json(Path("metrics") / f"{cfg.profile}_sweep.json", sweep_summary(runs))
+    ctx.wrote(Path("metrics") / f"{cfg.profile}_sweep.json", "the sweep's summary metrics: dvc metrics show")
     pre = runs.pop("pretrained", None)
     s3, s8 = cfg.sweep.table3_steps, cfg.sample.steps
     out_dir = paths.sweep_report_dir

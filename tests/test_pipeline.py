@@ -476,8 +476,14 @@ def test_exp_run_of_one_baseline_hparam_reruns_only_that_baseline(repos):
     work, env = _job(repos, "exp")
     out = (work / "exp_run.out").read_text()
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert ran == {"finetune_baseline@p2", "evaluate@p2", "report"}
+    assert ran == {"validate", "finetune_baseline@p2", "evaluate@p2", "report"}  # validate: params.yaml changed
     assert "fid" in (work / "exp_show.json").read_text()
+    table = _run([sys.executable, "-m", "dvc", "exp", "show", "--only-changed", "--no-pager"], work,
+                 {**env, "COLUMNS": "1000"}).stdout  # as wide as it wants: the table itself must fit
+    width = max(len(line.rstrip()) for line in table.splitlines())
+    assert width <= 160 and "p2.fid" in table and "gamma" in table, (width, table[:2000])
+    summary = json.loads((work / "metrics" / "micro.json").read_text())
+    assert {"fid", "fid_lo", "fid_hi", "n"} <= set(summary["p2"]) and summary["p2"]["n"] in (1, 2)
     exp_runs = [r for r in _runs(work) if r.data.tags.get("dvc_exp")]
     assert {r.data.tags["stage"] for r in exp_runs} == {"finetune", "evaluate", "report"}
     assert all(r.data.tags["dvc_exp"] == exp_runs[0].data.tags["dvc_exp"] for r in exp_runs)
