@@ -292,8 +292,12 @@ def null_run() -> Iterator[NullRun]:
     yield NullRun()
 
 
+TIMINGS = ("images_per_s", "wall_s")  # measured with a clock: MLflow only, never in a DVC output
+
+
 class CurveLog:
-    """Training-curve logger: sends each point to MLflow and keeps it for a DVC plots CSV."""
+    """Training-curve logger: sends each point to MLflow and keeps it, without the clock-measured fields
+    (:data:`TIMINGS`), for a DVC plots CSV."""
 
     def __init__(self, run: Run | None = None):
         self.run, self.rows = run, []
@@ -301,7 +305,9 @@ class CurveLog:
     def __call__(self, metrics: dict[str, float], step: int) -> None:
         if self.run is not None:
             self.run.log_metrics(metrics, step)
-        self.rows.append({"step": step, **{k: float(v) for k, v in metrics.items()}})
+        kept = {k: float(v) for k, v in metrics.items() if k not in TIMINGS}
+        if kept:
+            self.rows.append({"step": step, **kept})
 
     def save(self, path: str | Path) -> None:
         import pandas as pd

@@ -178,19 +178,19 @@ def evaluate_t2i(ctx):
                 "sampler": cfg.sample.scheduler_class, "steps": cfg.sample.steps, "guidance_scale": cfg.pipeline.guidance_scale,
                 "sample_precision": cfg.sample.precision, "fid_resolution": cfg.benchmarks.fid_resolution,
                 "models": n_models, "parameters_per_model": count_parameters(models[0]) // n_models,
-                "images_per_s": n_images / wall if n_images else None, "num_processes": cfg.runtime.num_processes,
-                **describe(spaces), **clip.describe()})
+                "num_processes": cfg.runtime.num_processes, **describe(spaces), **clip.describe()})
+    images_per_s = n_images / wall if n_images else None  # a clock reading: MLflow and the log only
     write_json(paths.metrics("evaluate", name), out)
     grid, row = paths.samples(name), paths.samples(f"{name}-prompts")
     save_grid(images["coco"], grid, nrow=int(len(images["coco"]) ** 0.5))
     save_grid(images["parti"], row, nrow=len(images["parti"]))
     # `fid` and `clip` under the same names as every other run (MLflow's compare view lines them up): COCO's
     ctx.run.log_metrics({k: out[k] for k in keys} | {"fid": out["coco_fid"], "clip": out["coco_clip"],
-                                                     "images_per_s": out["images_per_s"]})
+                                                     "images_per_s": images_per_s})
     ctx.run.log_artifact(grid, "samples")
     ctx.run.log_artifact(row, "samples")
     shown = ", ".join(f"{k} {out[k]:.3f}" for k in keys if k.endswith(("_fid", "_clip")))
-    ctx.note(f"{name}: {shown} ({rate(out['images_per_s'])})")
+    ctx.note(f"{name}: {shown} ({rate(images_per_s)})")
     for p in (paths.metrics("evaluate", name), paths.features(name), grid, row):
         ctx.wrote(p)
     shutil.rmtree(paths.ckpt(f"evaluate-{name}"), ignore_errors=True)  # the resume state, now the outputs exist
@@ -253,22 +253,22 @@ def body(ctx):
            "sampler": cfg.sample.sampler, "steps": cfg.sample.steps, "eta": cfg.sample.eta,
            "sample_precision": cfg.sample.precision, "models": n_models,
            "parameters_per_model": count_parameters(models[0]) // n_models,
-           "images_per_s": sampled / wall if sampled else None, "num_processes": cfg.runtime.num_processes,
-           **describe(spaces)}
+           "num_processes": cfg.runtime.num_processes, **describe(spaces)}
+    images_per_s = sampled / wall if sampled else None  # a clock reading: MLflow and the log only
     write_json(paths.metrics("evaluate", name), out)
     atomic_write_npz(paths.features(name), first_seed=np.asarray(seeds.start), mode=np.asarray(head),
                      **{f"seed_{k}": f for k, f in enumerate(head_feats)})
     grid = paths.samples(name)
     save_grid(first, grid, nrow=int(len(first) ** 0.5))
     ctx.run.log_metrics({"fid": est.value, "fid_lo": est.lo, "fid_hi": est.hi,
-                         "images_per_s": out["images_per_s"], **{k: out[k] for k in by_mode},
+                         "images_per_s": images_per_s, **{k: out[k] for k in by_mode},
                          **({"kid": out["kid"]} if kids else {})})
     ctx.run.log_artifact(grid, "samples")
     spread = f" over {len(fid_list)} training seeds" if len(fid_list) > 1 else ""
     modes = ", ".join(f"{k} {out[k]:.4f}" for k in by_mode)
     kid_txt = f"; KID {out['kid']:.5f} ± {out['kid_std']:.5f}" if kids else ""
     ctx.note(f"{name}: FID {est.text(3)} (95 % interval{spread}, {len(seeds)} samples; noise mostly from "
-             f"{est.dominant()}){kid_txt} ({modes}; {rate(out['images_per_s'])})")
+             f"{est.dominant()}){kid_txt} ({modes}; {rate(images_per_s)})")
     for p in (paths.metrics("evaluate", name), paths.features(name), grid):
         ctx.wrote(p)
     shutil.rmtree(paths.ckpt(f"evaluate-{name}"), ignore_errors=True)  # the resume state, now the outputs exist

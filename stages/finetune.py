@@ -152,9 +152,9 @@ def body(ctx):
         return
     curve.save(paths.curve(f"finetune-{name}"))
     write_json(paths.metrics("train", name), {
-        "loss_eps": losses[0], "wall_s": sum(walls) / len(walls), "wall_s_per_seed": walls,
-        "iterations": budget.iterations, "seeds": len(runs), "parameters": count_parameters(model)})
-    ctx.run.log_metrics({"wall_s": sum(walls) / len(walls)})
+        "loss_eps": losses[0], "iterations": budget.iterations, "seeds": len(runs),
+        "parameters": count_parameters(model)})
+    ctx.run.log_metrics({"wall_s": sum(walls) / len(walls), **{f"wall_s_seed_{k}": w for k, w in enumerate(walls)}})
     for p in (paths.curve(f"finetune-{name}"), paths.metrics("train", name)):
         ctx.wrote(p)
 

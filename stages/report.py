@@ -236,8 +236,8 @@ def body(ctx):
             "",
             "All single-model methods train on all timesteps for N x the per-interval iterations with the same "
             "optimiser, EMA and data (matched budget); the plain control has DeMe's training seeds "
-            "(`deme.seeds`), the other baselines `baselines.seeds`; wall times are per training seed on this "
-            "machine.",
+            "(`deme.seeds`), the other baselines `baselines.seeds`. Wall times are clock readings, not results: "
+            "each training run's `wall_s` metric in MLflow.",
             "",
             *(["Rows of the paper's Table 1 that this profile does not run (the paper's numbers only):", "",
                paper_only_rows(), ""] if paper_only_rows() else []),

@@ -76,13 +76,13 @@ def body(ctx):
             raise StageError("the sweep (Table 3, Fig. 8) runs on image profiles (docs/paper.md §3.3: CIFAR10)")
         model = load_pretrained(cfg)
         steps = sorted({cfg.sweep.table3_steps, cfg.sample.steps})
-        out = {"run": "pretrained", "num_samples": n_eval, "steps": steps}
+        out, timings = {"run": "pretrained", "num_samples": n_eval, "steps": steps}, {}  # clock readings: MLflow
         for s in steps:
-            out[f"fid_{s}"], out[f"images_per_s_{s}"] = evaluate(model, s, "pretrained")
+            out[f"fid_{s}"], timings[f"images_per_s_{s}"] = evaluate(model, s, "pretrained")
             ctx.note(f"pretrained DDIM-{s}: FID {out[f'fid_{s}']:.4f}")
         if ctx.is_main:
             write_json(paths.sweep_metrics("pretrained"), out)
-            ctx.run.log_metrics({k: v for k, v in out.items() if k.startswith("fid_")})
+            ctx.run.log_metrics({k: v for k, v in out.items() if k.startswith("fid_")} | timings)
             ctx.wrote(paths.sweep_metrics("pretrained"))
         return
 
@@ -142,13 +142,14 @@ def body(ctx):
            "table3": run.table3, "fig8": run.fig8, "iterations_per_model": vcfg.finetune.iterations,
            "iterations_total": vcfg.finetune.iterations * d.n, "budget": cfg.sweep.budget,
            "weights": list(weights), "merge_candidates": candidates, "num_samples": n_eval,
-           "steps": run_steps(cfg, run), "parameters_per_model": count_parameters(models[0]), "train_s": train_s}
+           "steps": run_steps(cfg, run), "parameters_per_model": count_parameters(models[0])}
+    timings = {"train_s": train_s}  # clock readings: MLflow only
     for s in out["steps"]:
-        out[f"fid_ensemble_{s}"], out[f"images_per_s_ensemble_{s}"] = evaluate(ensemble, s, f"{name} ensemble")
+        out[f"fid_ensemble_{s}"], timings[f"images_per_s_ensemble_{s}"] = evaluate(ensemble, s, f"{name} ensemble")
         if d.n > 1:
-            out[f"fid_merged_{s}"], out[f"images_per_s_merged_{s}"] = evaluate(merged, s, f"{name} merged")
+            out[f"fid_merged_{s}"], timings[f"images_per_s_merged_{s}"] = evaluate(merged, s, f"{name} merged")
         else:  # one model: "before" and "after" merge are the same network
-            out[f"fid_merged_{s}"], out[f"images_per_s_merged_{s}"] = out[f"fid_ensemble_{s}"], out[f"images_per_s_ensemble_{s}"]
+            out[f"fid_merged_{s}"] = out[f"fid_ensemble_{s}"]
         ctx.note(f"{name} DDIM-{s}: ensemble FID {out[f'fid_ensemble_{s}']:.4f}, merged {out[f'fid_merged_{s}']:.4f} "
                  f"(weights {tuple(round(w, 3) for w in weights)})")
     if not ctx.is_main:
@@ -157,7 +158,7 @@ def body(ctx):
         save_model(mod, out_dir / f"interval-{i}", vcfg, method="deme", interval=i, N=d.n, sweep_run=name)
     save_model(merged, out_dir / "merged", vcfg, method="deme-merged", weights=list(weights), sweep_run=name)
     write_json(paths.sweep_metrics(name), out)
-    ctx.run.log_metrics({k: v for k, v in out.items() if k.startswith("fid_")})
+    ctx.run.log_metrics({k: v for k, v in out.items() if k.startswith("fid_")} | timings)
     for i in d.intervals:
         clear_checkpoint(paths.ckpt(f"sweep-{name}-interval-{i}"))
     paths.ckpt(f"sweep-{name}").joinpath("scores.jsonl").unlink(missing_ok=True)

@@ -307,6 +307,19 @@ def test_a_module_edit_makes_exactly_its_importers_stale(micro_repo):
     assert _stale(work, env) == set()
 
 
+def test_outputs_are_a_function_of_their_inputs_only(micro_repo):
+    """Nothing that changes with a commit, a clock or a host goes into an output: after a new commit, a forced
+    rerun of a training and an evaluation stage (same thread count as the pipeline's) leaves `dvc status`
+    clean, so nothing downstream is stale."""
+    work, env, _ = micro_repo
+    one_core = {**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with _Restoring(work, "mlflow.db"):
+        _run(["git", "commit", "-q", "--allow-empty", "-m", "another commit"], work, env)
+        for stage in ("finetune@1", "evaluate@pretrained"):
+            _run([sys.executable, "-m", "dvc", "repro", "-f", "-s", stage], work, one_core)
+    assert _stale(work, env) == set()
+
+
 # Bad values as `dvc exp run -S` writes them (the fuzz cases of test_params_fuzz.py that -S can express).
 BAD_SET_PARAMS = ["deme.p=1.5", "finetune.iterations=-5", "sample.steps=abc", "data.kind=nope",
                   "finetune.lr=true", "fid.modes=clean", "merge.start=100", "t2i.sample.eta=2"]

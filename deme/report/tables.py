@@ -66,15 +66,6 @@ def iterations_of(metrics_root: Path, profile: str, n: int) -> dict[str, str]:
     return out
 
 
-def wall_times(metrics_root: Path, profile: str, n: int) -> dict[str, float]:
-    """Training wall time per method (seconds per training seed); DeMe = the sum of its N interval runs."""
-    train = metrics_root / profile / "train"
-    out = {k: (_read(train / f"{k}.json") or {}).get("wall_s", np.nan) for k in SINGLE_MODEL}
-    deme = [(_read(train / f"interval-{i}.json") or {}).get("wall_s") for i in range(1, n + 1)]
-    out["ensemble"] = out["merged"] = sum(deme) if n and all(d is not None for d in deme) else np.nan
-    return out
-
-
 def seed_spread(metrics_root: Path, profile: str, key: str) -> tuple[float, int]:
     m = _read(metrics_root / profile / "evaluate" / f"{key}.json") or {}
     return m.get("fid_std", 0.0), m.get("training_seeds", 1)
@@ -116,8 +107,6 @@ def table1(metrics_root: Path, n_intervals: dict[str, int]) -> str:
                                            else f"{v - pre:+.3f}") for k, v in col.items()]
         its = iterations_of(metrics_root, prof, n_intervals.get(prof, 0))
         out[f"{prof} iterations"] = [its.get(k, "") for k in fid.index]
-        walls = wall_times(metrics_root, prof, n_intervals.get(prof, 0))
-        out[f"{prof} train wall (s)"] = [_fmt(walls.get(k, np.nan), 0) for k in fid.index]
     for j, name in enumerate(paper["columns"]):
         vals = pd.Series({k: (paper["rows"][pk]["values"][j] if pk else np.nan) for k, _, pk in TABLE1_ROWS})
         out[f"{name} FID (paper)"] = _bold_best(vals, vals.map(lambda v: _fmt(v, 2)))
