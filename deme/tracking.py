@@ -40,6 +40,7 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(repo_root() / 'mlflow.db').resolve()}"
 
 
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # the UI opens on runs, not GenAI traces
 SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks")
 PROBE_TIMEOUT_S = 5.0
 
@@ -171,6 +172,24 @@ class Run:
         else:
             self._mlflow.log_artifact(str(path), artifact_path)
 
+    def log_image(self, path: str | Path, key: str) -> None:
+        """An image under ``key`` (MLflow's image panel and compare view line up runs' images by key)."""
+        from PIL import Image
+
+        with Image.open(path) as img:
+            self._mlflow.log_image(img.convert("RGB"), key=key)
+
+    def log_dataset(self, path: str | Path, name: str, context: str = "training") -> None:
+        """The data set at ``path`` as the run's input (MLflow's Datasets column), named and digested."""
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.data.sources import LocalArtifactDatasetSource
+
+        from deme.resume import content_id
+
+        dataset = MetaDataset(LocalArtifactDatasetSource(str(Path(path).resolve())), name=name,
+                              digest=content_id(path)[:16])
+        self._mlflow.log_input(dataset, context=context)
+
     def set_tag_of(self, run_id: str, key: str, value: str) -> None:
         self._mlflow.MlflowClient().set_tag(run_id, key, value)
 
@@ -197,9 +216,13 @@ class Run:
 
 @contextlib.contextmanager
 def stage_run(stage: str, profile: str, *, item: str | None = None, params: dict | None = None,
-              tags: dict[str, Any] | None = None) -> Iterator[Run]:
+              tags: dict[str, Any] | None = None, system_metrics: bool = False) -> Iterator[Run]:
     """Open the MLflow run of one stage execution; it ends FAILED if the body raises. The tracking URI is
-    checked first (:class:`TrackingError`), and MLflow's HTTP retries are bounded."""
+    checked first (:class:`TrackingError`), and MLflow's HTTP retries are bounded.
+
+    Every run carries tag ``deme.group``: the DVC experiment's name, or ``workspace@<commit>`` for a plain
+    `dvc repro`, so the UI filters one experiment's runs with ``tags.deme.group = '...'``. Experiments are
+    marked as model development (``mlflow.experimentKind``), so the UI opens on their runs."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
@@ -211,19 +234,23 @@ def stage_run(stage: str, profile: str, *, item: str | None = None, params: dict
         import mlflow
     name = f"{stage}@{item}" if item else stage
     who = {"host": socket.gethostname(), "pid": os.getpid(), "workdir": str(repo_root().resolve())}
-    all_tags = {"stage": stage, "profile": profile, "git_commit": git_commit(),
-                "dvc_exp": os.environ.get("DVC_EXP_NAME", ""), **({"item": item} if item else {}),
-                **who, **(tags or {})}
+    commit, exp = git_commit(), os.environ.get("DVC_EXP_NAME", "")
+    all_tags = {"stage": stage, "profile": profile, "git_commit": commit, "dvc_exp": exp,
+                "deme.group": exp or f"workspace@{commit[:8]}", **({"item": item} if item else {}), **who,
+                **(tags or {})}
     try:
         with _first_use_lock(uri), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             mlflow.set_tracking_uri(uri)
-            mlflow.set_experiment(profile)
+            experiment = mlflow.set_experiment(profile)
+            if experiment.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+                mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
             killed = close_killed_runs(mlflow.MlflowClient(), mlflow.get_experiment_by_name(profile).experiment_id,
                                        name, who)
             if killed:
                 all_tags["deme.resumed_from"] = ",".join(killed)
-            active = mlflow.start_run(run_name=name, tags={k: str(v) for k, v in all_tags.items()})
+            active = mlflow.start_run(run_name=name, tags={k: str(v) for k, v in all_tags.items()},
+                                      log_system_metrics=system_metrics)
     except Exception as e:  # noqa: BLE001 (a store that the checks above could not foresee)
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise TrackingError(f"MLflow store {uri}: cannot start a run ({type(e).__name__}: {reason})") from None

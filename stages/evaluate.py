@@ -187,8 +187,8 @@ def evaluate_t2i(ctx):
     # `fid` and `clip` under the same names as every other run (MLflow's compare view lines them up): COCO's
     ctx.run.log_metrics({k: out[k] for k in keys} | {"fid": out["coco_fid"], "clip": out["coco_clip"],
                                                      "images_per_s": images_per_s})
-    ctx.run.log_artifact(grid, "samples")
-    ctx.run.log_artifact(row, "samples")
+    ctx.run.log_image(grid, "samples")
+    ctx.run.log_image(row, "prompts")
     shown = ", ".join(f"{k} {out[k]:.3f}" for k in keys if k.endswith(("_fid", "_clip")))
     ctx.note(f"{name}: {shown} ({rate(images_per_s)})")
     for p in (paths.metrics("evaluate", name), paths.features(name), grid, row):
@@ -263,7 +263,7 @@ def body(ctx):
     ctx.run.log_metrics({"fid": est.value, "fid_lo": est.lo, "fid_hi": est.hi,
                          "images_per_s": images_per_s, **{k: out[k] for k in by_mode},
                          **({"kid": out["kid"]} if kids else {})})
-    ctx.run.log_artifact(grid, "samples")
+    ctx.run.log_image(grid, "samples")
     spread = f" over {len(fid_list)} training seeds" if len(fid_list) > 1 else ""
     modes = ", ".join(f"{k} {out[k]:.4f}" for k in by_mode)
     kid_txt = f"; KID {out['kid']:.5f} ± {out['kid_std']:.5f}" if kids else ""

@@ -140,7 +140,7 @@ def body(ctx):
     grid = paths.samples("data")
     save_grid(load_images(paths.train)[:64], grid, nrow=8, scale=max(1, 64 // cfg.data.resolution))
     ctx.wrote(grid)
-    ctx.run.log_artifact(grid, "samples")
+    ctx.run.log_image(grid, "samples")
     ctx.run.log_metrics({k: v for k, v in counts.items() if isinstance(v, int)})
     write_json(paths.metrics("data"), counts)
     ctx.wrote(paths.metrics("data"))

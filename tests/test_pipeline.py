@@ -225,6 +225,11 @@ def test_one_mlflow_run_per_stage_with_tags(micro_repo):
     assert "fid" in ev.data.metrics
     ft = next(r for r in runs if r.info.run_name == "finetune@interval-1")
     assert {"loss", "loss_eps", "loss_consistency"} <= set(ft.data.metrics)
+    # compare-ready: every setting as a param, one group per repro, images by key, data set and system metrics
+    assert ev.data.params["deme.p"] == ft.data.params["deme.p"] and ev.data.params["method"] == "merged"
+    assert len({r.data.tags["deme.group"] for r in runs}) == 1
+    assert [d.dataset.name for d in ft.inputs.dataset_inputs] == ["micro/train"]
+    assert any(k.startswith("system/") for k in ft.data.metrics)
 
 
 def test_second_repro_does_nothing(micro_repo):

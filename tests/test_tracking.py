@@ -112,3 +112,28 @@ def test_a_server_lost_mid_stage_does_not_fail_it(tmp_path, capsys):
         os.environ.pop("MLFLOW_TRACKING_URI", None)
         if server.poll() is None:
             os.killpg(server.pid, 9)
+
+
+def test_runs_carry_settings_group_images_and_dataset_for_compare(tmp_path, monkeypatch):
+    """What MLflow's compare view needs: every setting as a param, a group tag per experiment, images under
+    one key per kind, the data set as an input; the experiment opens on its runs (not GenAI traces)."""
+    import mlflow
+    import numpy as np
+    from PIL import Image
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-p0")
+    grid, data = tmp_path / "grid.png", tmp_path / "train.npy"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(grid)
+    np.save(data, np.zeros((4, 2, 2, 3), np.uint8))
+    with stage_run("evaluate", "micro", item="merged", params={"deme.p": 0.0, "method": "merged"}) as run:
+        run.log_image(grid, "samples")
+        run.log_dataset(data, "micro/train")
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    r = client.get_run(run.id)
+    assert r.data.params["deme.p"] == "0.0" and r.data.params["method"] == "merged"
+    assert r.data.tags["deme.group"] == "exp-p0" and not run.lost
+    assert client.get_experiment_by_name("micro").tags["mlflow.experimentKind"] == "custom_model_development"
+    assert [d.dataset.name for d in r.inputs.dataset_inputs] == ["micro/train"]
+    assert any("samples" in a.path for a in client.list_artifacts(run.id, "images"))
