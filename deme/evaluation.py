@@ -1,7 +1,7 @@
 """Scoring models by FID while sampling: the shared core of fid_ref, the merge search, the training FID
 curve and the evaluate stage.
 
-One sampled batch feeds every feature space of the profile (clean-fid modes, PAPER.md §8.3), no image is
+One sampled batch feeds every feature space of the profile (clean-fid modes, docs/paper.md §8.3), no image is
 written unless ``sample.save_images`` is set, and the batches are split over processes when the stage runs
 under ``accelerate launch`` (deme/distributed.py): every process ends with all features, in seed order.
 """

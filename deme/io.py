@@ -97,6 +97,10 @@ def read_json(path: str | Path) -> Any:
         raise FileNotFoundError(f"{path}: missing (run the stage that makes it: dvc repro)") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: corrupt JSON ({e})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: corrupt JSON (not UTF-8 text)") from None
+    except OSError as e:  # a folder in its place, no permission
+        raise ValueError(f"{path}: unreadable ({e.strerror or type(e).__name__})") from None
 
 
 @contextlib.contextmanager
@@ -129,7 +133,7 @@ def derive_seed(base: int, *purpose: Any) -> int:
 
 
 # Per-image sampling seeds live in disjoint ranges by purpose, so the merge search and the final
-# evaluation never share initial noise (PAPER.md §1.8, selection-bias caveat).
+# evaluation never share initial noise (docs/paper.md §1.8, selection-bias caveat).
 SEED_SPACES = {"eval": 0, "search": 1, "grid": 2, "analysis": 3, "buffer": 4, "curve": 5}
 SEED_SPACE_SIZE = 10_000_000  # samples per (base seed, purpose)
 

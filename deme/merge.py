@@ -1,10 +1,10 @@
-"""Task vectors, task arithmetic and the merge-weight search (PAPER.md §1.8).
+"""Task vectors, task arithmetic and the merge-weight search (docs/paper.md §1.8).
 
     tau_i = theta_i - theta        (all floating-point tensors; integer/bool buffers skipped)
     theta_merged = theta + sum_i w_i tau_i        (w_i not constrained to sum to 1)
 
 theta is the pretrained model *with* identity projections when the interval models carry them, so
-tau_i(W) = W_i - I and the projections stay in the merged model (PAPER.md §1.5).
+tau_i(W) = W_i - I and the projections stay in the merged model (docs/paper.md §1.5).
 
 The search scores candidate weights with a callable (FID on a proxy sample set with seeds disjoint from
 the final evaluation) and caches every score, so no candidate is scored twice and a resumed search skips
@@ -116,7 +116,7 @@ def coordinate_search(score: Scorer, n: int, coarse: Sequence[float], refine_ste
 
 def grid_search(score: Scorer, n: int, coarse: Sequence[float], refine_step: float, refine_rounds: int,
                 bounds: Sequence[float]) -> tuple[float, ...]:
-    """The paper-scale default (PAPER.md §1.8): all |coarse|^n combinations, then every combination of
+    """The paper-scale default (docs/paper.md §1.8): all |coarse|^n combinations, then every combination of
     best_i + {-2, -1, 0, 1, 2} x step (clipped), halving the step every further round."""
     for w in itertools.product(coarse, repeat=n):
         score(tuple(_clip(v, bounds) for v in w), "coarse")
@@ -130,7 +130,7 @@ def grid_search(score: Scorer, n: int, coarse: Sequence[float], refine_step: flo
 
 
 def search(scorer: Scorer, n: int, merge) -> tuple[float, ...]:
-    """The coarse-to-fine weight search of ``merge`` (a MergeConfig), PAPER.md §1.8."""
+    """The coarse-to-fine weight search of ``merge`` (a MergeConfig), docs/paper.md §1.8."""
     if merge.search == "coordinate":
         return coordinate_search(scorer, n, merge.coarse, merge.refine_step, merge.refine_rounds, merge.start,
                                  merge.bounds)

@@ -6,7 +6,6 @@ weights strictly. Weights are only ever read as safetensors: nothing is unpickle
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -71,7 +70,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Modul
     if not (path / "config.json").exists():
         raise CheckpointError(f"{path}: no model here (config.json missing); rerun the stage that makes it "
                               f"(dvc repro) or fix the path")
-    config = json.loads((path / "config.json").read_text())
+    try:
+        config = read_json(path / "config.json")
+    except ValueError as e:
+        raise CheckpointError(f"{e}; rerun the stage that makes {path} (dvc repro)") from None
     cls = _model_class(config)
     meta = model_meta(path)
     if not meta.get("channel_projection"):
@@ -89,7 +91,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Modul
         state = load_file(weights)
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
         raise CheckpointError(f"{weights}: corrupt or truncated checkpoint ({e}); rerun the stage") from None
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # torch's message lists every key; the first line says what is wrong
+        reason = (str(e).strip().splitlines() or ["mismatch"])[0][:200]
+        raise CheckpointError(f"{weights}: weights do not fit the model of {path / 'config.json'} ({reason}); "
+                              f"rerun the stage that makes {path}") from None
     return model.to(device).eval()
 
 
@@ -150,7 +157,7 @@ def fetch_checkpoint(cfg: Config) -> tuple[nn.Module, str]:
 
 
 def check_architecture(model: nn.Module, cfg: Config) -> None:
-    """The checkpoint must be the UNet the profile describes (PAPER.md §8.1): compare the config keys."""
+    """The checkpoint must be the UNet the profile describes (docs/paper.md §8.1): compare the config keys."""
     want = {"sample_size": cfg.data.resolution, **cfg.model.unet.kwargs()}
     have = dict(model.config)
     bad = [f"{k}: checkpoint {have.get(k)!r} vs params {v!r}" for k, v in want.items()
@@ -161,7 +168,7 @@ def check_architecture(model: nn.Module, cfg: Config) -> None:
 
 
 def frozen_teacher(cfg: Config, device: str | torch.device = "cpu") -> nn.Module:
-    """The frozen pre-finetuning model (without projections) of the consistency loss, PAPER.md §1.3."""
+    """The frozen pre-finetuning model (without projections) of the consistency loss, docs/paper.md §1.3."""
     teacher = load_pretrained(cfg, device)
     teacher.requires_grad_(False)
     return teacher.eval()

@@ -6,7 +6,7 @@ prints a preset as YAML and ``python -m deme.profiles use NAME`` writes it to ``
 - ``tiny``: the embedded default. 16x16 procedurally generated shapes, a UNet2DModel "pretrained" by the
   pipeline itself, a small classifier as FID feature space. Runs the whole paper pipeline on a laptop CPU.
 - ``micro``: the same stages at toy size, for the end-to-end test (``dvc repro`` in a temporary repo).
-- ``cifar10``, ``church``, ``bedroom``: the paper's DDPM settings (PAPER.md §1.6, §1.9, §8) on the real
+- ``cifar10``, ``church``, ``bedroom``: the paper's DDPM settings (docs/paper.md §1.6, §1.9, §8) on the real
   checkpoints google/ddpm-cifar10-32, google/ddpm-ema-church-256, google/ddpm-ema-bedroom-256 and the real
   datasets, FID-50K with Inception-v3. They run on a user's GPUs; see README "Paper-scale profiles".
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-# Optimiser settings of the official church script (PAPER.md §1.6), used for every finetuning budget.
+# Optimiser settings of the official church script (docs/paper.md §1.6), used for every finetuning budget.
 _FINETUNE_OPTIM = dict(lr_schedule="constant", lr_warmup=0, betas=[0.95, 0.999], weight_decay=1e-6, eps=1e-8, clip_grad_norm=1.0,
                        ema_max_decay=0.9999, ema_power=0.75, ema_inv_gamma=1.0, precision="fp32")
 
@@ -47,13 +47,13 @@ _TINY = {
                  "ema_power": 0.75, "ema_inv_gamma": 1.0, "precision": "fp32", "log_every": 100,
                  "ckpt_every": 500, "eval_every": 1000, "eval_samples": 800},
     "featnet": {"iterations": 800, "batch_size": 128, "lr": 2e-3, "width": 32, "feature_dim": 64},
-    # One budget shared by DeMe (per interval) and the plain control (N x iterations), PAPER.md §1.6.
+    # One budget shared by DeMe (per interval) and the plain control (N x iterations), docs/paper.md §1.6.
     "finetune": {"iterations": 100, "batch_size": 64, "grad_accum": 1, "lr": 2e-4, **_FINETUNE_OPTIM,
                  "log_every": 10, "ckpt_every": 100, "eval_every": 0, "eval_samples": 5000},
     "deme": {"intervals": [1, 2, 3, 4], "p": 0.4, "probabilistic_sampling": True, "ps_granularity": "batch",
              "antithetic": True, "consistency_loss": True, "consistency_weight": 1.0,
              "channel_projection": True, "seeds": 3},
-    # Baselines finetune on all timesteps for N x finetune.iterations (matched budget, PAPER.md §2).
+    # Baselines finetune on all timesteps for N x finetune.iterations (matched budget, docs/paper.md §2).
     "baselines": {"seeds": 1,
                   "min_snr": {"gamma": 5.0, "normalize": False},
                   "p2": {"k": 1.0, "gamma": 1.0, "normalize": False},
@@ -71,7 +71,7 @@ _TINY = {
     "fid": {"feature_net": "featnet", "modes": ["clean"], "reference": "ref", "builtin": "", "reference_samples": 0,
             "inception_weights": "", "batch_size": 500, "bootstrap": 200, "kid_subsets": 100, "kid_subset_size": 1000},
     "runtime": {"device": "auto", "num_threads": 0, "num_processes": 1, "channels_last": False, "compile": False},
-    # The analysis figures of the default models (PAPER.md §4), sized for minutes on a CPU.
+    # The analysis figures of the default models (docs/paper.md §4), sized for minutes on a CPU.
     "analysis": {"samples": 64, "batch_size": 128, "gradsim_timesteps": 100, "sketch_dim": 4096,
                  "landscape_grid": 9, "landscape_span": 1.0, "t_draws": 2, "plane_grid": 9, "plane_margin": 0.2,
                  "plane_pairs": "all", "activation_interval": 0, "floor_intervals": [1, 4], "sequence_samples": 4},
@@ -88,7 +88,7 @@ class _Row(dict):
 
 
 def _runs(table3_n: int, fig8_n: list[int], fig8_p: list[float], n_ref: int = 4) -> dict:
-    """Table 3's rows (PAPER.md §3.3: the paper's five, then A6-A9 of §5 to complete the 2^3 factorial of
+    """Table 3's rows (docs/paper.md §3.3: the paper's five, then A6-A9 of §5 to complete the 2^3 factorial of
     PS x CL x CP at N = table3_n) and Fig. 8's points (§4: N sweep at the default p, p sweep at N = n_ref)."""
     def run(n, ps, cl, cp, p=None, table3=False, fig8=False):
         return _Row(n=n, probabilistic_sampling=ps, consistency_loss=cl, channel_projection=cp, p=p,
@@ -140,7 +140,7 @@ def _micro() -> dict:
     return p
 
 
-# The google/ddpm-* UNet2DModel configs (their config.json on the Hub), PAPER.md §1.5 and §8.1.
+# The google/ddpm-* UNet2DModel configs (their config.json on the Hub), docs/paper.md §1.5 and §8.1.
 _DDPM_UNET = {"layers_per_block": 2, "norm_num_groups": 32, "flip_sin_to_cos": False, "freq_shift": 1,
               "norm_eps": 1e-6, "downsample_padding": 0, "dropout": 0.0}
 _CIFAR10_UNET = {"block_out_channels": [128, 256, 256, 256],
@@ -153,7 +153,7 @@ _LSUN_UNET = {"block_out_channels": [128, 128, 256, 256, 512, 512],
 
 def _ddpm(name: str, kind: str, resolution: int, ckpt: str, unet: dict, data_path: str, p: float,
           micro_batch: int, grad_accum: int, lr: float, sample_batch: int) -> dict:
-    """A paper-scale DDPM profile: PAPER.md §1.6 (finetuning), §1.8 (merge grid), §1.9 and §8.3 (FID-50K)."""
+    """A paper-scale DDPM profile: docs/paper.md §1.6 (finetuning), §1.8 (merge grid), §1.9 and §8.3 (FID-50K)."""
     q = copy.deepcopy(_TINY)
     q["profile"] = name
     q["data"].update(kind=kind, resolution=resolution, num_train=0, num_ref=0, path=data_path)
@@ -169,7 +169,7 @@ def _ddpm(name: str, kind: str, resolution: int, ckpt: str, unet: dict, data_pat
     q["fid"].update(feature_net="inception", modes=["legacy_pytorch", "clean"], reference="train",
                     reference_samples=50_000, batch_size=250, bootstrap=50)
     q["runtime"].update(channels_last=True)
-    # PAPER.md §4 recipes at scale: 512 images with common noise for Fig. 1a (every t), 25x25 landscapes
+    # docs/paper.md §4 recipes at scale: 512 images with common noise for Fig. 1a (every t), 25x25 landscapes
     q["analysis"].update(samples=512, batch_size=128, gradsim_timesteps=1000, sketch_dim=65536, landscape_grid=25,
                          t_draws=4, plane_grid=31, floor_intervals=[1, 4], sequence_samples=8)
     # Table 3 at N = 8 with 20K iterations per model (the paper's reading), FID-50K; Fig. 8 at DDIM-50
@@ -197,7 +197,7 @@ def _bedroom() -> dict:
     q = _ddpm("bedroom", "lsun_bedroom", 256, "google/ddpm-ema-bedroom-256", _LSUN_UNET,
               "datasets/lsun_bedroom", p=0.3, micro_batch=16, grad_accum=4, lr=5e-5, sample_batch=128)
     # ~3M training images (590 GB as uint8 256^2): a 300K seeded subset; the FID reference is 50K random
-    # training images, as clean-fid has no built-in bedroom statistics (PAPER.md §8.3)
+    # training images, as clean-fid has no built-in bedroom statistics (docs/paper.md §8.3)
     q["data"].update(num_train=300_000, num_ref=50_000)
     q["fid"].update(reference="ref", reference_samples=0)
     return q
@@ -224,8 +224,8 @@ def _tiny_t2i() -> dict:
                          ema_max_decay=0.999, log_every=50, eval_every=0, eval_samples=5000)
     q["featnet"].update(iterations=400)
     q["finetune"].update(iterations=25, batch_size=32, log_every=25, ckpt_every=25)
-    q["deme"]["p"] = 0.3  # the SD setting (PAPER.md §1.6)
-    q["sweep"]["runs"] = {}  # Table 3 and Fig. 8 are DDPM studies (PAPER.md §3.3, §3.5)
+    q["deme"]["p"] = 0.3  # the SD setting (docs/paper.md §1.6)
+    q["sweep"]["runs"] = {}  # Table 3 and Fig. 8 are DDPM studies (docs/paper.md §3.3, §3.5)
     q["baselines"]["difftuning"].update(variant="kd")  # no prompt-conditioned retention buffer: §6.3's KD form
     q["merge"].update(proxy_samples=96)
     q["sample"].update(sampler="pndm", steps=20, eta=0.0, batch_size=256, num_samples=256, grid_size=64)
@@ -273,7 +273,7 @@ def _micro_t2i() -> dict:
     return q
 
 
-# The UNet2DConditionModel of CompVis/stable-diffusion-v1-4 (its unet/config.json), PAPER.md §8.1.
+# The UNet2DConditionModel of CompVis/stable-diffusion-v1-4 (its unet/config.json), docs/paper.md §8.1.
 _SD14_UNET = {"block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
               "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
               "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, "cross_attention_dim": 768,
@@ -281,7 +281,7 @@ _SD14_UNET = {"block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 
 
 
 def _sd14() -> dict:
-    """SD v1.4 finetuned on LAION-Aesthetics V2 6.5+ (PAPER.md §1.6 SD column, §3.2): N=4, p=0.3, 20K x 4
+    """SD v1.4 finetuned on LAION-Aesthetics V2 6.5+ (docs/paper.md §1.6 SD column, §3.2): N=4, p=0.3, 20K x 4
     iterations at 16 x 4, lr 5e-5, fp16, EMA; PNDM-50, CFG 7.5, 512x512 (latent 64); COCO-30K FID at 256 plus
     CLIP ViT-g-14, ImageNet 2 x 1000 classes, PartiPrompts 1,632."""
     q = _tiny_t2i()
@@ -339,16 +339,16 @@ def main(argv: list[str] | None = None) -> int:
     u = sub.add_parser("use", help="write a profile's preset to params.yaml (the old file is kept as .bak); a "
                                    "text-to-image profile goes to its `t2i:` section, the rest is kept")
     u.add_argument("name", choices=sorted(PROFILES))
-    u.add_argument("--params", default="params.yaml")
+    u.add_argument("--params", default=None, help="default: params.yaml at the repository root (where dvc.yaml is)")
     args = ap.parse_args(argv)
     if args.cmd == "list":
         print("\n".join(PROFILES))
     elif args.cmd == "show":
         print(dump_yaml(preset(args.name)), end="")
     else:
-        from deme.io import atomic_write_text
+        from deme.io import atomic_write_text, repo_root
 
-        path = Path(args.params)
+        path = Path(args.params) if args.params else repo_root() / "params.yaml"
         old = yaml.safe_load(path.read_text()) if path.exists() else None
         old = old if isinstance(old, dict) else {}
         if path.exists():

@@ -1,4 +1,4 @@
-"""Channel-wise projection (PAPER.md §1.5).
+"""Channel-wise projection (docs/paper.md §1.5).
 
 A bias-free 1x1 convolution ``P(F) = W F`` (W in R^{CxC}, identity at init) applied to the main-path hidden
 state after every down block, the mid block and every up block of a diffusers UNet. Skip tensors are not

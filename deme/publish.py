@@ -118,6 +118,11 @@ def publish(params: str = "params.yaml", commit: str | None = None) -> Path:
         raise FileNotFoundError(f"{src}: no from-scratch pretraining to publish; make it with: "
                                 f"dvc repro checkpoints/dvc.yaml")
     metrics = json.loads(metrics_path.read_text())
+    timing = src / "timing.json"  # wall time per run segment, beside the outputs (a clock is not an input)
+    segments = json.loads(timing.read_text()) if timing.exists() else (
+        [{"wall_s": metrics["wall_s"], "threads": metrics.get("threads", "?")}] if "wall_s" in metrics else [])
+    metrics = {**metrics, "wall_s": sum(s["wall_s"] for s in segments) if segments else float("nan"),
+               "threads": "/".join(sorted({str(s["threads"]) for s in segments})) or "?"}
     if not metrics.get("fid_curve"):
         raise ValueError(f"{metrics_path}: no FID curve (pretrain.eval_every was 0); nothing shows convergence")
     ref = Paths(cfg.profile).metrics("fid_ref")

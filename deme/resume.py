@@ -8,7 +8,7 @@ killed at any point recomputes only the pieces it had not finished, and the reru
 uninterrupted run's, bit for bit, since every piece is computed from its own seeds alone.
 
 The fingerprint holds everything the pieces depend on (model weights digest, seeds, sampler and feature
-settings); pieces of another fingerprint are deleted, so a changed setting starts afresh. The stage clears
+settings) and the digest of the stage's code (deme/codedeps.py); pieces of another fingerprint are deleted, so a changed setting starts afresh. The stage clears
 the folder once its outputs are written.
 
 Two environment variables serve fault tests and monitoring (scripts/fault_harness.py):
@@ -93,7 +93,10 @@ class Shards:
     for the next :meth:`get` (off for pieces too large to hold all at once, e.g. latents)."""
 
     def __init__(self, folder: str | Path, fingerprint: Any, *, main: bool = True, memo: bool = True):
+        from deme.codedeps import running
+
         self.root = Path(folder)
+        fingerprint = {"inputs": fingerprint, "code": running()}  # the stage's code closure too
         digest = fingerprint_of(fingerprint)
         self.dir = self.root / digest
         if main and self.root.exists():

@@ -1,4 +1,4 @@
-"""Sampling: DDIM with per-image seeds, and the timestep ensemble of DeMe ("before merge", PAPER.md §1.7).
+"""Sampling: DDIM with per-image seeds, and the timestep ensemble of DeMe ("before merge", docs/paper.md §1.7).
 
 Every image i has its own initial-noise seed, so a set of samples does not depend on the batch size or
 on how the work is split, and the pretrained, ensemble and merged models are compared on the same noise.
@@ -64,12 +64,12 @@ def ddim_sample(model: nn.Module, noise: torch.Tensor, schedule: ScheduleConfig,
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float -> uint8, quantised as PIL does: round((x + 1) / 2 * 255) (PAPER.md §8.3)."""
+    """[-1, 1] float -> uint8, quantised as PIL does: round((x + 1) / 2 * 255) (docs/paper.md §8.3)."""
     return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 def autocast(device: torch.device, precision: str):
-    """Mixed precision for the UNet while sampling (PAPER.md §1.9 samples in fp16); a no-op for fp32."""
+    """Mixed precision for the UNet while sampling (docs/paper.md §1.9 samples in fp16); a no-op for fp32."""
     import contextlib
 
     if precision == "fp32":

@@ -1,6 +1,6 @@
 """Noise schedule, timestep partition and probabilistic timestep sampling (pure functions).
 
-Notation of PAPER.md: T training timesteps t in {0..T-1} (t=0 nearly clean), alpha_bar_t the cumulative
+Notation of docs/paper.md: T training timesteps t in {0..T-1} (t=0 nearly clean), alpha_bar_t the cumulative
 product of (1 - beta_t), SNR(t) = alpha_bar_t / (1 - alpha_bar_t).
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from deme.config import ScheduleConfig
 
 
 def make_scheduler(cfg: ScheduleConfig) -> DDPMScheduler:
-    """The training scheduler of the DDPM checkpoints (PAPER.md §1.6, 'Noise scheduler')."""
+    """The training scheduler of the DDPM checkpoints (docs/paper.md §1.6, 'Noise scheduler')."""
     return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start,
                          beta_end=cfg.beta_end, beta_schedule=cfg.beta_schedule,
                          prediction_type=cfg.prediction_type, clip_sample=cfg.clip_sample)
@@ -27,7 +27,7 @@ def snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
 
 
 def interval_bounds(i: int, n: int, num_timesteps: int = 1000) -> tuple[int, int]:
-    """[lo, hi) of interval i in 1..n: I_i = [(i-1)T/N, iT/N) (PAPER.md §1.2)."""
+    """[lo, hi) of interval i in 1..n: I_i = [(i-1)T/N, iT/N) (docs/paper.md §1.2)."""
     if not 1 <= i <= n:
         raise ValueError(f"interval {i} is outside 1..{n}")
     if num_timesteps % n:
@@ -37,14 +37,14 @@ def interval_bounds(i: int, n: int, num_timesteps: int = 1000) -> tuple[int, int
 
 
 def interval_index(t: int, n: int, num_timesteps: int = 1000) -> int:
-    """0-based model index serving timestep t: k(t) = min(floor(t N / T), N - 1) (PAPER.md §1.7, Eq. 7)."""
+    """0-based model index serving timestep t: k(t) = min(floor(t N / T), N - 1) (docs/paper.md §1.7, Eq. 7)."""
     return min(int(t) * n // num_timesteps, n - 1)
 
 
 def sample_timesteps(batch: int, lo: int, hi: int, *, p: float = 0.0, num_timesteps: int = 1000,
                      granularity: str = "batch", antithetic: bool = True,
                      generator: torch.Generator | None = None) -> torch.Tensor:
-    """Probabilistic timestep sampling (PAPER.md §1.4, Eq. 6, official-code semantics).
+    """Probabilistic timestep sampling (docs/paper.md §1.4, Eq. 6, official-code semantics).
 
     With probability ``p`` a draw comes from the whole range [0, T), otherwise from the interval [lo, hi).
     ``granularity='batch'`` makes one Bernoulli(p) draw per micro-batch (code default), 'sample' one per

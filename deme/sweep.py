@@ -1,4 +1,4 @@
-"""DeMe variants outside the main pipeline: the runs of Table 3 and Fig. 8 (PAPER.md §3.3, §3.5, §5) and the
+"""DeMe variants outside the main pipeline: the runs of Table 3 and Fig. 8 (docs/paper.md §3.3, §3.5, §5) and the
 extra interval models of the analysis figures (Fig. 2 without projection, Fig. 7's second seed).
 
 A variant is the main config with ``deme`` replaced (N, probabilistic sampling, p, consistency loss,
@@ -29,7 +29,7 @@ def variant_config(cfg: Config, run: VariantConfig) -> Config:
 
 
 def iterations_per_model(cfg: Config, n: int) -> int:
-    """``sweep.budget``: 'total' splits one budget over the N models (compute-matched, PAPER.md §5 Table 3
+    """``sweep.budget``: 'total' splits one budget over the N models (compute-matched, docs/paper.md §5 Table 3
     notes: 80K in total at paper scale); 'per_model' gives each model the same iterations (the paper's 20K)."""
     s = cfg.sweep
     if s.budget == "per_model":
@@ -39,7 +39,7 @@ def iterations_per_model(cfg: Config, n: int) -> int:
 
 
 def interval_objective(cfg: Config, i: int, teacher: nn.Module | None):
-    """The DeMe objective of interval i under ``cfg.deme`` (PAPER.md §1.3-1.5; the finetune stage's)."""
+    """The DeMe objective of interval i under ``cfg.deme`` (docs/paper.md §1.3-1.5; the finetune stage's)."""
     from deme.objectives import EpsObjective
     from deme.schedule import alphas_cumprod, interval_bounds
 

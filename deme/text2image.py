@@ -1,13 +1,13 @@
-"""Text-to-image components and sampling: the Stable Diffusion path of the suite (PAPER.md §1.6, §1.9, §3.2).
+"""Text-to-image components and sampling: the Stable Diffusion path of the suite (docs/paper.md §1.6, §1.9, §3.2).
 
 A text-to-image profile's pretrained model is a diffusers ``StableDiffusionPipeline`` folder
 (models/<profile>/pretrained/{unet,vae,text_encoder,tokenizer,scheduler}): imported from
 CompVis/stable-diffusion-v1-4 for ``sd14``, built and trained by the pretrain stage for ``tiny_t2i``.
-Only the UNet is finetuned; the VAE and the text encoder stay frozen (PAPER.md §1.6, SD settings).
+Only the UNet is finetuned; the VAE and the text encoder stay frozen (docs/paper.md §1.6, SD settings).
 
 Sampling: classifier-free guidance with one UNet call per step on the stacked [unconditional, conditional]
 batch, so a DeMe ensemble (``deme.sample.Ensemble``) serves both branches with the interval model of the
-current timestep (PAPER.md §1.7). Any diffusers scheduler by name (``sample.sampler``; PNDM-50 default as SD
+current timestep (docs/paper.md §1.7). Any diffusers scheduler by name (``sample.sampler``; PNDM-50 default as SD
 v1.4), configured from the pipeline's own scheduler config. Every image has its own initial-noise seed.
 """
 from __future__ import annotations
@@ -73,7 +73,7 @@ class Components:
 
     @torch.inference_mode()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] -> scaled latents (the posterior mean: the VAE is frozen, PAPER.md §1.6)."""
+        """Images in [-1, 1] -> scaled latents (the posterior mean: the VAE is frozen, docs/paper.md §1.6)."""
         return self.vae.encode(images.float()).latent_dist.mean * self.scaling_factor
 
 
@@ -337,7 +337,7 @@ def latent_shape(cfg: Config, comps: Components) -> tuple[int, int, int]:
 
 
 def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 [n, 3, H, W] -> [n, 3, size, size] with PIL bicubic (BK-SDM's 512 -> 256, PAPER.md §8.3)."""
+    """uint8 [n, 3, H, W] -> [n, 3, size, size] with PIL bicubic (BK-SDM's 512 -> 256, docs/paper.md §8.3)."""
     if images.shape[-1] == size and images.shape[-2] == size:
         return images
     from PIL import Image
@@ -432,7 +432,9 @@ def load_prompt_set(paths, bench: str) -> dict:
     p = paths.prompts(bench)
     if not p.exists():
         raise CheckpointError(f"{p}: prompt set missing; make it with: dvc repro t2i_prepare")
-    return json.loads(p.read_text())
+    from deme.io import read_json
+
+    return read_json(p)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The training loop, shared by pretraining, DeMe interval finetuning, plain finetuning and baselines.
 
 Read top to bottom: AdamW with constant LR, gradient accumulation and global-norm clipping through
-accelerate, EMA with warm-up (decay(step) = min(max, 1 - (1 + step/inv_gamma)^-power), PAPER.md §1.6), a
+accelerate, EMA with warm-up (decay(step) = min(max, 1 - (1 + step/inv_gamma)^-power), docs/paper.md §1.6), a
 NaN guard that names the step and the loss terms, and resumable checkpoints.
 
 Determinism: the data order and every random draw of step s come from seeds derived from (seed, s), so a
@@ -98,7 +98,7 @@ def train(model: nn.Module, objective, images, cfg: TrainConfig, *, seed: int,
     Under ``accelerate launch`` every process trains on its own data stream (seeded by its rank) and
     gradients are averaged (DDP); only the main process logs and writes checkpoints. ``evaluate`` is called
     on every process with the EMA weights every ``cfg.eval_every`` steps (e.g. the FID-5K curve of
-    PAPER.md §1.6); its metrics are logged at that step. ``keep_final``: also checkpoint the last step, so a
+    docs/paper.md §1.6); its metrics are logged at that step. ``keep_final``: also checkpoint the last step, so a
     longer run with the same settings (a schedule that does not depend on ``iterations``) continues from it.
     """
     from accelerate import Accelerator
@@ -196,7 +196,7 @@ def train(model: nn.Module, objective, images, cfg: TrainConfig, *, seed: int,
 
     acc.wait_for_everyone()
     final = acc.unwrap_model(model)
-    ema.copy_to(final.parameters())  # task vectors are computed from the EMA weights (PAPER.md §1.6)
+    ema.copy_to(final.parameters())  # task vectors are computed from the EMA weights (docs/paper.md §1.6)
     return final.eval()
 
 
@@ -217,10 +217,12 @@ def _evaluate_ema(evaluate: EvalFn, model: nn.Module, ema, step: int) -> dict[st
 
 def _save_checkpoint(path: Path, step: int, fingerprint: str, model: nn.Module, ema, optimizer,
                      objective=None, scaler=None, history=(), window=None) -> None:
-    """Model, EMA, optimiser, fp16 loss scaler, step, the objective's own state and the logged curve so far.
-    No RNG state is needed: every draw of step s comes from a generator seeded by (seed, s), see the module
+    """Model, EMA, optimiser, fp16 loss scaler, step, the objective's own state and the logged curve so far,
+    with the settings' fingerprint and the digest of the stage's code (deme/codedeps.py). No RNG state is needed: every draw of step s comes from a generator seeded by (seed, s), see the module
     docstring."""
     from safetensors.torch import save_file
+
+    from deme.codedeps import running
 
     with atomic_dir(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
@@ -233,7 +235,7 @@ def _save_checkpoint(path: Path, step: int, fingerprint: str, model: nn.Module, 
         extra = getattr(objective, "extra_state", None)  # e.g. ANT's Nash weights and step counter
         write_json(tmp / "history.json", {"log": [[s, {k: float(v) for k, v in m.items()}] for s, m in history],
                                            "window": window or {}})
-        write_json(tmp / "state.json", {"step": step, "fingerprint": fingerprint,
+        write_json(tmp / "state.json", {"step": step, "fingerprint": fingerprint, "code": running(),
                                          "ema_optimization_step": ema.optimization_step,
                                          "objective": extra() if extra else None})
     saved(f"{path} step {step}")
@@ -261,13 +263,17 @@ def _load_checkpoint(path: Path, fingerprint: str, model: nn.Module, ema, optimi
                      scaler=None) -> int:
     from safetensors.torch import load_file
 
+    from deme.codedeps import running
+
     state_file = path / "state.json"
     if not state_file.exists():
         return 0
     try:
         state = json.loads(state_file.read_text())
-        if state.get("fingerprint") != fingerprint:
-            print(f"[resume] {path}: checkpoint was made with other settings; starting over")
+        why = ("other settings or inputs" if state.get("fingerprint") != fingerprint else
+               "other code (a module the stage imports changed)" if state.get("code", "") != running() else None)
+        if why:
+            print(f"[resume] {path}: checkpoint was made with {why}; starting over")
             shutil.rmtree(path)
             return 0
         model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)

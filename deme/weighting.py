@@ -1,4 +1,4 @@
-"""Loss weightings of the baselines as weights on the per-sample epsilon-MSE (PAPER.md §2.1).
+"""Loss weightings of the baselines as weights on the per-sample epsilon-MSE (docs/paper.md §2.1).
 
 The paper writes every method as a weight on the x0 error, L = E_t[lambda_x0(t) ||x0 - x0_hat||^2]. For an
 epsilon network ||x0 - x0_hat||^2 = ||eps - eps_hat||^2 / SNR(t), so the weight on the epsilon-MSE is
@@ -12,7 +12,7 @@ epsilon network ||x0 - x0_hat||^2 = ||eps - eps_hat||^2 / SNR(t), so the weight 
     min_snr        min(SNR, gamma)         min(1, gamma/SNR)   (gamma = 5)
     p2             SNR / (k + SNR)^gamma   1 / (k + SNR)^gamma  (k = 1, gamma = 1)
 
-No normalisation by default (PAPER.md Appendix A); ``normalize=True`` rescales to mean 1 over t.
+No normalisation by default (docs/paper.md Appendix A); ``normalize=True`` rescales to mean 1 over t.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Stage `analyze@<name>`: the raw data of one of the paper's analysis figures (PAPER.md §4), then the figure.
+"""Stage `analyze@<name>`: the raw data of one of the paper's analysis figures (docs/paper.md §4), then the figure.
 
 Writes analysis/<profile>/<name>.npz (the data, a DVC output) and figures/<profile>/<name>/ (PNG + PDF drawn
 from that npz alone: `--plot-only` redraws them without recomputing). Every loss is the eps-MSE on one fixed

@@ -1,4 +1,4 @@
-"""Stage `buffer`: Diff-Tuning's retention buffer, sampled once from the pretrained model (PAPER.md §6.2).
+"""Stage `buffer`: Diff-Tuning's retention buffer, sampled once from the pretrained model (docs/paper.md §6.2).
 
 `baselines.difftuning.buffer_size` images by DDIM (`buffer_steps` steps, eta 0) from per-image seeds of
 their own range (disjoint from evaluation and search seeds). Written as a dataset file
@@ -51,7 +51,7 @@ def body(ctx):
     save_images(paths.buffer, images)
     grid = paths.samples("buffer")
     save_grid(images[:64], grid, nrow=8)
-    ctx.run.log_artifact(grid, "samples")
+    ctx.run.log_image(grid, "samples")
     ctx.wrote(paths.buffer, f"{len(images)} images, DDIM-{d.buffer_steps}")
     ctx.wrote(grid)
     shutil.rmtree(paths.ckpt("buffer"), ignore_errors=True)  # the resume state, now the buffer exists

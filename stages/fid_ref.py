@@ -2,7 +2,7 @@
 
 Features of the held-out reference set through clean-fid's model-feature path give the reference
 statistics (stats/<profile>/fid_ref_<mode>.npz, one per clean-fid mode). The reference set is `fid.reference`:
-the held-out images (tiny), the training images (CIFAR10 / LSUN convention, PAPER.md §8.3; optionally a
+the held-out images (tiny), the training images (CIFAR10 / LSUN convention, docs/paper.md §8.3; optionally a
 seeded subset of `fid.reference_samples`), or clean-fid's cached built-in statistics (`fid.builtin`, e.g.
 cifar10/train). With a training-set or built-in reference, the held-out set gets statistics of its own
 (stats/<profile>/fid_heldout_<mode>.npz) and the evaluation reports FID against both. The floor is the FID of as many images of the *other* set as the
@@ -10,7 +10,7 @@ evaluation generates against those statistics: no model can be expected to beat 
 Runs split over processes under `accelerate launch`. Resumable: finished feature batches are kept in
 .ckpt/<profile>/fid_ref/ until the outputs are written (deme/resume.py).
 
-Text-to-image (`--t2i`, PAPER.md §3.2, §8.3): one reference per FID benchmark from the prepare stage's
+Text-to-image (`--t2i`, docs/paper.md §3.2, §8.3): one reference per FID benchmark from the prepare stage's
 images at benchmarks.fid_resolution (COCO: all val2014 images; ImageNet: the val images; the tiny stand-ins:
 held-out shapes), stats/<profile>/fid_<bench>_<mode>.npz; the floor is as many training images as the
 benchmark has prompts, when the training images are at that resolution.
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from deme.cli import run_stage  # noqa: E402
 
 
-BENCH_FID = ("coco", "imagenet")  # PartiPrompts is CLIP only (PAPER.md §3.2)
+BENCH_FID = ("coco", "imagenet")  # PartiPrompts is CLIP only (docs/paper.md §3.2)
 
 
 def shards(ctx, spaces, label, source, images):
@@ -102,7 +102,7 @@ def body(ctx):
         return bench_refs(ctx)
     spaces = feature_spaces(cfg, ctx.device)
     heldout, train = load_images(paths.ref), load_images(paths.train)
-    if f.reference == "builtin":  # clean-fid's cached statistics, per mode (PAPER.md §8.3)
+    if f.reference == "builtin":  # clean-fid's cached statistics, per mode (docs/paper.md §8.3)
         dataset, split = f.builtin.split("/")
         refs = {m: builtin_stats(dataset, split, cfg.data.resolution, m) for m in spaces}
         num_ref, ref_label = "?", f"clean-fid built-in {f.builtin}"
@@ -116,7 +116,7 @@ def body(ctx):
                                              ref_images))
         refs = {m: Stats.of(x) for m, x in feats.items()}
         num_ref, ref_label = len(ref_images), {"ref": "held-out images", "train": "training images"}[f.reference]
-    # a held-out reference beside a training-set one, where the data has a held-out set (PAPER.md §8.3)
+    # a held-out reference beside a training-set one, where the data has a held-out set (docs/paper.md §8.3)
     held = (array_features(heldout, spaces, f.batch_size, desc="held-out reference",
                            shards=shards(ctx, spaces, "heldout", paths.ref, heldout))
             if f.reference != "ref" else None)

@@ -1,12 +1,12 @@
 """Stage `finetune`: DeMe interval finetuning (`--interval i`), or one single-model method (`--method`).
 
-DeMe (PAPER.md §1.2-1.6): model i starts from the pretrained weights (+ identity channel-wise projections)
+DeMe (docs/paper.md §1.2-1.6): model i starts from the pretrained weights (+ identity channel-wise projections)
 and trains on its interval I_i = [(i-1)T/N, iT/N) with probabilistic timestep sampling (p = probability of
 a global draw) and the consistency loss towards the frozen pretrained model; each technique has a switch
 in params `deme`.
 
 Single-model methods finetune the pretrained model on all timesteps at a matched budget: N x
-`finetune.iterations` with the same optimiser, EMA and data as DeMe (PAPER.md §2), once per training seed
+`finetune.iterations` with the same optimiser, EMA and data as DeMe (docs/paper.md §2), once per training seed
 (`baselines.seeds`):
   plain         the control: plain epsilon-MSE ("trained longer")
   min_snr, p2, snr_plus_one, trunc_snr     loss reweighting (§2.1, params baselines.<method>)
@@ -14,7 +14,7 @@ Single-model methods finetune the pretrained model on all timesteps at a matched
   difftuning    Diff-Tuning with the retention buffer of the `buffer` stage, or its KD variant (§6)
 Resumable from .ckpt/ after a crash.
 
-Text-to-image (`--t2i`, PAPER.md §1.6 SD column): the same objectives on the UNet2DConditionModel, trained on
+Text-to-image (`--t2i`, docs/paper.md §1.6 SD column): the same objectives on the UNet2DConditionModel, trained on
 the latents stage's VAE latents with each image's prompt through the frozen text encoder (the consistency
 target is the frozen pretrained UNet under the same prompt); Diff-Tuning uses its KD form.
 """
@@ -152,18 +152,18 @@ def body(ctx):
         return
     curve.save(paths.curve(f"finetune-{name}"))
     write_json(paths.metrics("train", name), {
-        "loss_eps": losses[0], "wall_s": sum(walls) / len(walls), "wall_s_per_seed": walls,
-        "iterations": budget.iterations, "seeds": len(runs), "parameters": count_parameters(model)})
-    ctx.run.log_metrics({"wall_s": sum(walls) / len(walls)})
+        "loss_eps": losses[0], "iterations": budget.iterations, "seeds": len(runs),
+        "parameters": count_parameters(model)})
+    ctx.run.log_metrics({"wall_s": sum(walls) / len(walls), **{f"wall_s_seed_{k}": w for k, w in enumerate(walls)}})
     for p in (paths.curve(f"finetune-{name}"), paths.metrics("train", name)):
         ctx.wrote(p)
 
 
 def fid_curve(ctx, interval=None):
     """FID of the EMA model on `finetune.eval_samples` samples (seeds of their own), for the training curve
-    (PAPER.md §1.6: FID-5K every 5K steps, to study 20K vs 200K iterations). Runs on every process.
+    (docs/paper.md §1.6: FID-5K every 5K steps, to study 20K vs 200K iterations). Runs on every process.
     A DeMe interval model is scored inside the ensemble it will serve: the pretrained model at every other
-    interval's timesteps, the model being trained at its own (PAPER.md §1.7)."""
+    interval's timesteps, the model being trained at its own (docs/paper.md §1.7)."""
     from deme.evaluation import feature_spaces, fid_of_model, load_references
     from deme.io import sample_seeds
     from deme.models import frozen_teacher

@@ -1,7 +1,7 @@
 """Stage `latents` (text-to-image): encode the training images once with the pipeline's frozen VAE.
 
 Finetuning then reads latents/<profile>/latents.npy (float16 [n, C, h, w], the VAE posterior mean times the
-VAE's scaling factor: 0.18215 for SD v1.4, PAPER.md §1.6) and tokens.npy (int32 [n, L], each image's caption
+VAE's scaling factor: 0.18215 for SD v1.4, docs/paper.md §1.6) and tokens.npy (int32 [n, L], each image's caption
 tokenized by the pipeline's CLIP tokenizer), so no training step runs the VAE or the tokenizer. The text
 encoder stays in the loop (frozen, cheap next to the UNet). empty.npy holds the empty prompt's tokens (the
 unconditional branch). Written memory-mapped, batch by batch, into a temporary folder renamed at the end.

@@ -1,4 +1,4 @@
-"""Stage `merge`: task-vector merge of the N interval models with searched weights (PAPER.md §1.8).
+"""Stage `merge`: task-vector merge of the N interval models with searched weights (docs/paper.md §1.8).
 
 tau_i = theta_i - theta (EMA weights; theta includes identity projections), theta_merged = theta +
 sum_i w_i tau_i. The weights come from a coarse-to-fine search scored by FID on a proxy sample set whose
@@ -139,9 +139,9 @@ def body(ctx):
     write_json(paths.metrics("merge"), {
         "weights": weights, "proxy_fid": [r[2] for r in results], "proxy_fid_pretrained": results[0][3],
         "seeds": d.seeds, "candidates": [len(r[4]) for r in results], "proxy_samples": m.proxy_samples,
-        "search": m.search, "search_reference": "disjoint from the evaluation's (stats/<profile>/fid_search_*)",
-        "wall_s": time.perf_counter() - t0})
-    ctx.run.log_metrics({"best_proxy_fid": results[0][2], "pretrained_proxy_fid": results[0][3]})
+        "search": m.search, "search_reference": "disjoint from the evaluation's (stats/<profile>/fid_search_*)"})
+    ctx.run.log_metrics({"best_proxy_fid": results[0][2], "pretrained_proxy_fid": results[0][3],
+                         "wall_s": time.perf_counter() - t0})
     ctx.run.log_params({"merged_weights": weights})
     ctx.run.log_artifact(paths.curve("merge_search"), "search")
     version = ctx.run.register_model(paths.merged(0), f"{cfg.profile}-merged",

@@ -2,18 +2,18 @@
 
 - `data.kind: shapes` (tiny profiles): generate 16x16 RGB images of coloured shapes with attribute labels
   and captions; the held-out reference set is drawn with another seed. Deterministic from params `seed`.
-- Real kinds (cifar10, lsun_church, lsun_bedroom; PAPER.md §8.2): read the dataset the user has at
+- Real kinds (cifar10, lsun_church, lsun_bedroom; docs/paper.md §8.2): read the dataset the user has at
   `data.path` (CIFAR10 python batches, the parquet files of tglcourse/lsun_church_train, an image folder, or
   an LSUN lmdb export; `data.format: auto` detects which), resize the shorter side to `data.resolution`
-  and crop (PAPER.md §1.6), and write train.npy / ref.npy plus manifest.json with sha256 checksums and
+  and crop (docs/paper.md §1.6), and write train.npy / ref.npy plus manifest.json with sha256 checksums and
   every skipped file. Corrupt images are skipped and listed, or fatal with `data.on_corrupt: fail`.
-- `data.kind: laion` (sd14; PAPER.md §8.2): captioned image-text pairs, e.g. BK-SDM's preprocessed 212k
+- `data.kind: laion` (sd14; docs/paper.md §8.2): captioned image-text pairs, e.g. BK-SDM's preprocessed 212k
   LAION-Aesthetics 6.5+ folder: images plus metadata.csv (file_name,text), metadata.jsonl or <image>.txt,
   or parquet with a text column. Captions go to {train,ref}.meta.npz; a missing or non-UTF-8 caption is
   skipped with its image and listed (or fatal, naming the file and line).
 
 With --t2i (text-to-image profiles tiny_t2i, micro_t2i, sd14) the stage also writes the zero-shot
-benchmarks of PAPER.md §3.2 from `benchmarks.*`: the prompt sets prompts/{coco,coco_proxy,imagenet,parti}.json
+benchmarks of docs/paper.md §3.2 from `benchmarks.*`: the prompt sets prompts/{coco,coco_proxy,imagenet,parti}.json
 (COCO: the first coco_count captions of BK-SDM's metadata.csv, coco_proxy: the next merge.proxy_samples,
 for the merge search; ImageNet: imagenet_template x class names x imagenet_per_class; PartiPrompts: all or
 parti_count) and the FID references bench/{coco,imagenet}.npy at fid_resolution (COCO: all of val2014
@@ -51,7 +51,7 @@ def shapes(ctx, out):
             **{f"train_{name}": int(np.sum(train.shape == i)) for i, name in enumerate(SHAPES)}}
 
 
-# How to get each dataset on a connected machine (README, Paper-scale profiles; PAPER.md §8.2).
+# How to get each dataset on a connected machine (README, Paper-scale profiles; docs/paper.md §8.2).
 FETCH = {
     "cifar10": "fetch it with: curl -LO https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz && "
                "mkdir -p datasets/cifar10 && tar xzf cifar-10-python.tar.gz -C datasets/cifar10",
@@ -87,7 +87,7 @@ def real(ctx, out):
 
 def benchmarks_first(ctx, out, final):
     """t2i, before the (long) training-data read: locate the benchmark files (shapes: write the stand-ins)
-    and validate them into prompt sets (PAPER.md §3.2). Nothing is written outside ``out``."""
+    and validate them into prompt sets (docs/paper.md §3.2). Nothing is written outside ``out``."""
     from deme.data.prompts import benchmark_sources, build_prompt_sets
     from deme.data.readers import DataError
 
@@ -140,7 +140,7 @@ def body(ctx):
     grid = paths.samples("data")
     save_grid(load_images(paths.train)[:64], grid, nrow=8, scale=max(1, 64 // cfg.data.resolution))
     ctx.wrote(grid)
-    ctx.run.log_artifact(grid, "samples")
+    ctx.run.log_image(grid, "samples")
     ctx.run.log_metrics({k: v for k, v in counts.items() if isinstance(v, int)})
     write_json(paths.metrics("data"), counts)
     ctx.wrote(paths.metrics("data"))

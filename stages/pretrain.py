@@ -80,6 +80,7 @@ def pretrain_t2i(ctx):
     from deme.models import count_parameters
     from deme.objectives import EpsObjective
     from deme.paths import Paths
+    from deme.resume import content_id, state_digest
     from deme.schedule import alphas_cumprod
     from deme.text2image import (Components, LatentStream, build_cond_unet, build_text_encoder, build_tokenizer,
                                  encode_dataset, latent_shape, save_pipeline, sd_scheduler_config,
@@ -111,17 +112,19 @@ def pretrain_t2i(ctx):
     unet = build_cond_unet(cfg, latent_shape(cfg, comps)[-1])
     ctx.note(f"UNet2DConditionModel with {count_parameters(unet):,} parameters, latents {latent_shape(cfg, comps)}")
     objective = EpsObjective(alphas_cumprod(cfg.schedule).float(), 0, cfg.schedule.num_train_timesteps)
-    ckpt = paths.ckpt("pretrain")
+    ckpt, settings = paths.ckpt("pretrain"), cfg.to_dict()
     unet = train(unet, objective, stream, cfg.pretrain, seed=seed, device=ctx.device, ckpt_dir=ckpt,
-                 fingerprint=json.dumps([cfg.to_dict()["pretrain"], cfg.to_dict()["pipeline"], seed]),
+                 fingerprint=json.dumps([settings[k] for k in ("pretrain", "pipeline", "model", "schedule")] +
+                                        [seed, state_digest(vae), content_id(paths.train)]),
                  log=curve, desc="pretrain", condition=text_conditioner(comps))
     wall = time.perf_counter() - t0
     save_pipeline(paths.pretrained, unet.cpu(), comps.to("cpu"), cfg, method="pretrain", seed=seed,
                   steps=cfg.pretrain.iterations)
     curve.save(paths.curve("pretrain"))
     last = next(r["loss"] for r in reversed(curve.rows) if "loss" in r)
-    write_json(paths.metrics("train", "pretrain"), {"loss": last, "wall_s": wall, "iterations": cfg.pretrain.iterations,
+    write_json(paths.metrics("train", "pretrain"), {"loss": last, "iterations": cfg.pretrain.iterations,
                                                     "parameters": count_parameters(unet), **vae_stats})
+    ctx.run.log_metrics({"wall_s": wall})
     clear_checkpoint(ckpt)
     for p in (paths.pretrained, paths.curve("pretrain"), paths.metrics("train", "pretrain")):
         ctx.wrote(p)
@@ -146,7 +149,7 @@ def body(ctx):
     import torch
 
     from deme.data import load_images
-    from deme.io import derive_seed, write_json
+    from deme.io import derive_seed, read_json, write_json
     from deme.models import build_unet, count_parameters, save_model
     from deme.objectives import EpsObjective
     from deme.paths import Paths
@@ -177,6 +180,8 @@ def body(ctx):
     run = dict(settings["pretrain"])
     if cfg.pretrain.lr_schedule != "cosine":  # the trajectory does not depend on the length: a longer run continues
         run.pop("iterations")
+    state = ckpt / "state.json"
+    start = json.loads(state.read_text()).get("step", 0) if state.is_file() else 0
     t0 = time.perf_counter()
     model = train(model, objective, images, cfg.pretrain, seed=seed, device=ctx.device, ckpt_dir=ckpt,
                   fingerprint=json.dumps([run, settings["model"]["unet"], settings["schedule"],
@@ -187,9 +192,14 @@ def body(ctx):
     curve.save(curve_csv)
     last = next(r["loss"] for r in reversed(curve.rows) if "loss" in r)
     fid_curve = [[r["step"], r["fid"]] for r in curve.rows if "fid" in r]
-    write_json(metrics_json, {"loss": last, "wall_s": wall, "iterations": cfg.pretrain.iterations,
-                                               "parameters": count_parameters(model), "threads": torch.get_num_threads(),
-                                               **({"fid_curve": fid_curve} if fid_curve else {})})
+    write_json(metrics_json, {"loss": last, "iterations": cfg.pretrain.iterations,
+                              "parameters": count_parameters(model), **({"fid_curve": fid_curve} if fid_curve else {})})
+    ctx.run.log_metrics({"wall_s": wall})
+    if scratch:  # wall time per run segment (a clock reading: beside the outputs, not one of them)
+        timing = paths.from_scratch / "timing.json"
+        segments = [s for s in (read_json(timing) if timing.is_file() else []) if s["to_step"] <= start]
+        write_json(timing, segments + [{"from_step": start, "to_step": cfg.pretrain.iterations, "wall_s": wall,
+                                        "threads": torch.get_num_threads()}])
     if not scratch:  # a from-scratch run keeps its last state in .ckpt/, so a longer run continues from it
         clear_checkpoint(ckpt)
     for p in (out, curve_csv, metrics_json):

@@ -22,8 +22,8 @@ from deme.cli import run_stage  # noqa: E402
 
 
 def t2i_report(ctx):
-    """reports/<t2i profile>/report.md: Table 2 (PAPER.md §3.2) and what stands behind it."""
-    import json
+    """reports/<t2i profile>/report.md: Table 2 (docs/paper.md §3.2) and what stands behind it."""
+    from deme.io import read_json
     import shutil
 
     from deme.io import atomic_dir
@@ -31,20 +31,32 @@ def t2i_report(ctx):
     from deme.report.paper import paper_numbers, paper_table
     from deme.paths import Paths
     from deme.report.evidence import orderings_markdown
+    from deme.io import write_json
+    from deme.report.summary import summary
     from deme.report.tables import TABLE2_ROWS, measured_profiles, table2
 
     prof, metrics = ctx.cfg.profile, Path("metrics")
 
     def read(*parts):
         p = metrics.joinpath(*parts)
-        return json.loads(p.read_text()) if p.exists() else {}
+        return read_json(p) if p.exists() else {}
 
     profiles = measured_profiles(metrics, "t2i")
     n = {p: len((read(p, "merge.json").get("weights") or [[]])[0]) for p in profiles}
     pre, clip, train = read(prof, "evaluate", "pretrained.json"), read(prof, "clip.json"), read(prof, "train", "pretrain.json")
     merge, ref = read(prof, "merge.json"), read(prof, "fid_ref.json")
     out_dir = Path("reports") / prof
+    summ = summary(metrics, prof, "t2i")
     with atomic_dir(out_dir) as tmp:
+        prompts = pre.get("grid_prompts", [])
+        short = {"pretrained": "Pretrained", "plain": "Plain", "difftuning": "Diff-Tuning",
+                 "ensemble": "DeMe ensemble", "merged": "DeMe merged"}
+        models = [(k, short.get(k, label)) for k, label, _ in TABLE2_ROWS]
+        glance = [f for f in (figures.fid_chart(summ, tmp / "fid.png", "coco_fid", "COCO FID"),
+                              figures.fid_chart(summ, tmp / "clip.png", "coco_clip", "COCO CLIP score (higher is "
+                                                                                     "better)"),
+                              figures.prompt_grid(Path("samples") / prof, models, prompts, tmp / "prompt_grid.png"))
+                  if f]
         lines = [
             f"# DeMe Suite report: text-to-image profile `{prof}`",
             "",
@@ -55,11 +67,15 @@ def t2i_report(ctx):
                "numbers are on different scales from the paper's: compare directions and orderings, not values."
                if ctx.cfg.clip.train else ""),
             "",
+            *(["## At a glance", "",
+               "COCO FID and CLIP score of every model (mean over its training seeds, 95 % interval, n seeds; grey: "
+               "the pretrained model's interval), then one PartiPrompts image per model and prompt, same seed per "
+               "prompt.", "", *[f"![{f.stem}]({f.name})" for f in glance], ""] if glance else []),
             "## Table 2: zero-shot text-to-image (FID and CLIP score)",
             "",
             f"{paper_table('table2')['title']}: the *(paper)* columns. *(ours)*: every text-to-image profile that "
             "has been run, the delta against that profile's pretrained model in brackets, best per column in "
-            "bold. CLIP score = 100 x cosine of the normalised open_clip embeddings (PAPER.md §8.3).",
+            "bold. CLIP score = 100 x cosine of the normalised open_clip embeddings (docs/paper.md §8.3).",
             "",
             f"`{prof}`: {pre.get('sampler', '?')}-{pre.get('steps', '?')}, guidance {pre.get('guidance_scale', '?')}, "
             "one image per prompt from per-prompt seeds shared by every model; prompts: "
@@ -112,27 +128,34 @@ def t2i_report(ctx):
                 lines += ["![merge search](merge_search.png)", ""]
         if figures.training_curves(Path("plots") / prof, tmp / "training_curves.png"):
             lines += ["## Training curves", "", "![training curves](training_curves.png)", ""]
-        prompts = pre.get("grid_prompts", [])
-        short = {"pretrained": "Pretrained", "plain": "Plain", "difftuning": "Diff-Tuning",
-                 "ensemble": "DeMe ensemble", "merged": "DeMe merged"}
-        models = [(k, short.get(k, label)) for k, label, _ in TABLE2_ROWS]
-        if figures.prompt_grid(Path("samples") / prof, models, prompts, tmp / "prompt_grid.png"):
-            lines += ["## Prompt-by-model grid (PartiPrompts, same seed per prompt for every model)", "",
-                      "![prompt grid](prompt_grid.png)", ""]
-        lines += ["## Samples (COCO prompts, same seeds for every model)", ""]
-        for key, label, _ in TABLE2_ROWS:
+        grids = []
+        for key, _, _ in TABLE2_ROWS:
             src = Path("samples") / prof / f"{key}.png"
             if src.exists():
                 shutil.copy(src, tmp / f"samples_{key}.png")
-                lines += [f"**{label}**", "", f"![{key}](samples_{key}.png)", ""]
+                grids.append(key)
+        lines += ["## Samples (COCO prompts, same seeds for every model)", "", *grid_table(grids)]
         (tmp / "report.md").write_text("\n".join(lines) + "\n")
         for f in tmp.iterdir():
             ctx.run.log_artifact(f, "report")
+    write_json(metrics / f"{prof}.json", summ)
     ctx.wrote(out_dir / "report.md")
+    ctx.wrote(metrics / f"{prof}.json", "the profile's summary metrics: dvc metrics show")
+
+
+def grid_table(names: list[str], cols: int = 3) -> list[str]:
+    """Markdown lines: the sample grids ``samples_<name>.png`` side by side, ``cols`` per row."""
+    if not names:
+        return []
+    lines = ["| " + " | ".join([""] * cols) + " |", "|" + "---|" * cols]
+    for i in range(0, len(names), cols):
+        chunk = names[i:i + cols] + [""] * (cols - len(names[i:i + cols]))
+        lines.append("| " + " | ".join(f"**{n}**<br>![{n}](samples_{n}.png)" if n else "" for n in chunk) + " |")
+    return lines + [""]
 
 
 def body(ctx):
-    import json
+    from deme.io import read_json, write_json
     import shutil
 
     from deme.io import atomic_dir
@@ -140,6 +163,7 @@ def body(ctx):
     from deme.report.paper import paper_numbers
     from deme.paths import Paths
     from deme.report.evidence import orderings_markdown
+    from deme.report.summary import summary
     from deme.report.tables import SINGLE_MODEL, paper_only_rows, table1
 
     cfg, prof = ctx.cfg, ctx.cfg.profile
@@ -149,7 +173,7 @@ def body(ctx):
 
     def read(*parts):
         p = metrics.joinpath(*parts)
-        return json.loads(p.read_text()) if p.exists() else {}
+        return read_json(p) if p.exists() else {}
 
     merge = read(prof, "merge.json")
     n_by_profile = {p.name: len((read(p.name, "merge.json").get("weights") or [[]])[0]) or cfg.deme.n
@@ -159,8 +183,13 @@ def body(ctx):
         figs = {"curves": figures.training_curves(Path("plots") / prof, tmp / "training_curves.png"),
                 "weights": figures.weightings(tmp / "weightings.png"),
                 "search": figures.merge_search(Path("plots") / prof / "merge_search.csv", tmp / "merge_search.png")}
-        grids = []
+        summ = summary(metrics, prof)
         plain, *baselines = SINGLE_MODEL
+        figs["fid"] = figures.fid_chart(summ, tmp / "fid.png")
+        figs["strips"] = figures.sample_strips(Path("samples") / prof, ["pretrained", plain, *baselines, "ensemble",
+                                               "merged"], tmp / "samples_side_by_side.png",
+                                               rows=max(1, round(cfg.sample.grid_size ** 0.5)))
+        grids = []
         for name in ("data", "pretrained", plain, "ensemble", "merged", *baselines, "buffer"):
             src = Path("samples") / prof / f"{name}.png"
             if src.exists():
@@ -182,6 +211,11 @@ def body(ctx):
                f"FID is Inception-v3 in clean-fid mode `{cfg.fid.modes[0]}` (comparable with the paper's "
                "pytorch-fid when legacy_pytorch); every mode's value is in metrics/<profile>/evaluate/*.json."),
             "",
+            *(["## At a glance", "",
+               "FID of every model (mean over its training seeds, 95 % interval, n seeds; the grey band is the "
+               "pretrained model's interval), then the first row of every model's samples from the same noise.",
+               "", "![FID](fid.png)", ""] if figs["fid"] else []),
+            *(["![samples side by side](samples_side_by_side.png)", ""] if figs["strips"] else []),
             "## Table 1: FID of the pretrained, finetuned, ensemble and merged models",
             "",
             f"Sampler: {sample.get('sampler', '?').upper()}-{sample.get('steps', '?')}, eta {sample.get('eta', '?')}, "
@@ -202,12 +236,12 @@ def body(ctx):
             "",
             "All single-model methods train on all timesteps for N x the per-interval iterations with the same "
             "optimiser, EMA and data (matched budget); the plain control has DeMe's training seeds "
-            "(`deme.seeds`), the other baselines `baselines.seeds`; wall times are per training seed on this "
-            "machine.",
+            "(`deme.seeds`), the other baselines `baselines.seeds`. Wall times are clock readings, not results: "
+            "each training run's `wall_s` metric in MLflow.",
             "",
             *(["Rows of the paper's Table 1 that this profile does not run (the paper's numbers only):", "",
                paper_only_rows(), ""] if paper_only_rows() else []),
-            "### Loss weightings of the baselines (PAPER.md §2.1)",
+            "### Loss weightings of the baselines (docs/paper.md §2.1)",
             "",
             "![weightings](weightings.png)",
             "",
@@ -248,19 +282,19 @@ def body(ctx):
         ]
         if figs["curves"]:
             lines += ["![training curves](training_curves.png)", ""]
-        lines += ["## Samples (same initial noise for every model)", ""]
-        for g in grids:
-            lines += [f"**{g}**", "", f"![{g}](samples_{g}.png)", ""]
+        lines += ["## Samples (same initial noise for every model)", "", *grid_table(grids)]
         lines += analysis_sections(cfg, tmp)
         (tmp / "report.md").write_text("\n".join(lines) + "\n")
         for f in tmp.iterdir():
             if f.suffix == ".png":
                 ctx.run.log_artifact(f, "report")
         ctx.run.log_artifact(tmp / "report.md", "report")
+    write_json(metrics / f"{prof}.json", summ)
     ctx.wrote(out_dir / "report.md")
+    ctx.wrote(metrics / f"{prof}.json", "the profile's summary metrics: dvc metrics show")
 
 
-ANALYSIS_FIGURES = [  # (analysis, figure file, heading, what it shows), PAPER.md §4
+ANALYSIS_FIGURES = [  # (analysis, figure file, heading, what it shows), docs/paper.md §4
     ("gradsim", "fig1a", "Fig. 1a: gradient conflict across timesteps",
      "Cosine similarity of the pretrained model's eps-MSE gradients at pairs of timesteps (same images and "
      "noise for every t), and the distribution of the off-diagonal entries over all timesteps and over the first "
@@ -281,7 +315,7 @@ ANALYSIS_FIGURES = [  # (analysis, figure file, heading, what it shows), PAPER.m
      "different seeds."),
     ("sequence", "fig_sequence", "Sequence view: x0 predictions at the end of each interval",
      "From the same noise, the predicted x0 at the last sampling step of every interval (high to low noise) for the "
-     "pretrained, interval, ensemble and merged models (the reviewers' request, PAPER.md §4)."),
+     "pretrained, interval, ensemble and merged models (the reviewers' request, docs/paper.md §4)."),
 ]
 
 
@@ -298,7 +332,7 @@ def analysis_sections(cfg, tmp):
              f"Measured by the evaluate stage on the machine that ran it ({cfg.sample.sampler.upper()}-{cfg.sample.steps}, "
              f"batch {cfg.sample.batch_size}, sampling and feature extraction included; the dev machine: 2 CPU cores).", "",
              table4_markdown(Path("metrics"), cfg.profile), "",
-             "## Analysis figures (PAPER.md §4)", "",
+             "## Analysis figures (docs/paper.md §4)", "",
              "Each is drawn from the npz in analysis/<profile>/ (a DVC output); PDFs beside the PNGs in "
              f"figures/{cfg.profile}/.", ""]
     for name, fig, title, text in ANALYSIS_FIGURES:
@@ -325,7 +359,12 @@ def sweep_report(ctx):
     from deme.report.paper import paper_numbers
 
     cfg, paths = ctx.cfg, Paths(ctx.cfg.profile)
+    from deme.io import write_json
+    from deme.report.summary import sweep_summary
+
     runs = ablation.load_runs(paths.sweep_metrics("x").parent)
+    write_json(Path("metrics") / f"{cfg.profile}_sweep.json", sweep_summary(runs))
+    ctx.wrote(Path("metrics") / f"{cfg.profile}_sweep.json", "the sweep's summary metrics: dvc metrics show")
     pre = runs.pop("pretrained", None)
     s3, s8 = cfg.sweep.table3_steps, cfg.sample.steps
     out_dir = paths.sweep_report_dir

@@ -1,7 +1,7 @@
 """Stage `sweep@<run>` (sweeps/dvc.yaml): one run of Table 3 or Fig. 8, trained, merged and evaluated.
 
 A run (params `sweep.runs.<run>`) is a DeMe variant: N intervals, probabilistic sampling (and p), the
-consistency loss and the channel-wise projection switched on or off (PAPER.md §3.3, §3.5, §5 A1-A9, S1-S2).
+consistency loss and the channel-wise projection switched on or off (docs/paper.md §3.3, §3.5, §5 A1-A9, S1-S2).
 Its N interval models are trained as the finetune stage trains them (same objective, seeds and loop) with
 the budget of `sweep.budget`/`sweep.iterations`; for N > 1 their task vectors are merged with weights found
 by the search of `sweep.merge` (proxy FID, search seeds); then the ensemble ("before merge") and the merged
@@ -36,7 +36,7 @@ def item(args):
 def _run(ctx):
     cfg, name = ctx.cfg, ctx.args.run
     if cfg.task != "image":
-        raise StageError("the sweep (Table 3, Fig. 8) runs on image profiles (PAPER.md §3.3: CIFAR10)")
+        raise StageError("the sweep (Table 3, Fig. 8) runs on image profiles (docs/paper.md §3.3: CIFAR10)")
     if name not in cfg.sweep.runs:
         raise StageError(f"--run {name!r} is not in params sweep.runs (allowed: {', '.join(cfg.sweep.runs) or 'none'})")
     return cfg.sweep.runs[name]
@@ -73,16 +73,16 @@ def body(ctx):
 
     if ctx.args.pretrained:
         if cfg.task != "image":
-            raise StageError("the sweep (Table 3, Fig. 8) runs on image profiles (PAPER.md §3.3: CIFAR10)")
+            raise StageError("the sweep (Table 3, Fig. 8) runs on image profiles (docs/paper.md §3.3: CIFAR10)")
         model = load_pretrained(cfg)
         steps = sorted({cfg.sweep.table3_steps, cfg.sample.steps})
-        out = {"run": "pretrained", "num_samples": n_eval, "steps": steps}
+        out, timings = {"run": "pretrained", "num_samples": n_eval, "steps": steps}, {}  # clock readings: MLflow
         for s in steps:
-            out[f"fid_{s}"], out[f"images_per_s_{s}"] = evaluate(model, s, "pretrained")
+            out[f"fid_{s}"], timings[f"images_per_s_{s}"] = evaluate(model, s, "pretrained")
             ctx.note(f"pretrained DDIM-{s}: FID {out[f'fid_{s}']:.4f}")
         if ctx.is_main:
             write_json(paths.sweep_metrics("pretrained"), out)
-            ctx.run.log_metrics({k: v for k, v in out.items() if k.startswith("fid_")})
+            ctx.run.log_metrics({k: v for k, v in out.items() if k.startswith("fid_")} | timings)
             ctx.wrote(paths.sweep_metrics("pretrained"))
         return
 
@@ -94,7 +94,7 @@ def body(ctx):
              f"CL={'on' if d.consistency_loss else 'off'}, CP={'on' if d.channel_projection else 'off'}; "
              f"{vcfg.finetune.iterations} iterations per model ({cfg.sweep.budget} budget)")
 
-    # 1. the N interval models (PAPER.md §1.3-1.5), resumable per model
+    # 1. the N interval models (docs/paper.md §1.3-1.5), resumable per model
     images = load_images(paths.train)
     teacher = frozen_teacher(vcfg) if d.consistency_loss and d.consistency_weight > 0 else None
     t0 = time.perf_counter()
@@ -104,7 +104,7 @@ def body(ctx):
                                      teacher=teacher, desc=f"sweep@{name} interval {i}/{d.n}"))
     train_s = time.perf_counter() - t0
 
-    # 2. merge (N > 1): theta + sum_i w_i tau_i with searched weights (PAPER.md §1.8)
+    # 2. merge (N > 1): theta + sum_i w_i tau_i with searched weights (docs/paper.md §1.8)
     base = load_pretrained(vcfg)
     if d.channel_projection:
         add_channel_projection(base)
@@ -142,13 +142,14 @@ def body(ctx):
            "table3": run.table3, "fig8": run.fig8, "iterations_per_model": vcfg.finetune.iterations,
            "iterations_total": vcfg.finetune.iterations * d.n, "budget": cfg.sweep.budget,
            "weights": list(weights), "merge_candidates": candidates, "num_samples": n_eval,
-           "steps": run_steps(cfg, run), "parameters_per_model": count_parameters(models[0]), "train_s": train_s}
+           "steps": run_steps(cfg, run), "parameters_per_model": count_parameters(models[0])}
+    timings = {"train_s": train_s}  # clock readings: MLflow only
     for s in out["steps"]:
-        out[f"fid_ensemble_{s}"], out[f"images_per_s_ensemble_{s}"] = evaluate(ensemble, s, f"{name} ensemble")
+        out[f"fid_ensemble_{s}"], timings[f"images_per_s_ensemble_{s}"] = evaluate(ensemble, s, f"{name} ensemble")
         if d.n > 1:
-            out[f"fid_merged_{s}"], out[f"images_per_s_merged_{s}"] = evaluate(merged, s, f"{name} merged")
+            out[f"fid_merged_{s}"], timings[f"images_per_s_merged_{s}"] = evaluate(merged, s, f"{name} merged")
         else:  # one model: "before" and "after" merge are the same network
-            out[f"fid_merged_{s}"], out[f"images_per_s_merged_{s}"] = out[f"fid_ensemble_{s}"], out[f"images_per_s_ensemble_{s}"]
+            out[f"fid_merged_{s}"] = out[f"fid_ensemble_{s}"]
         ctx.note(f"{name} DDIM-{s}: ensemble FID {out[f'fid_ensemble_{s}']:.4f}, merged {out[f'fid_merged_{s}']:.4f} "
                  f"(weights {tuple(round(w, 3) for w in weights)})")
     if not ctx.is_main:
@@ -157,7 +158,7 @@ def body(ctx):
         save_model(mod, out_dir / f"interval-{i}", vcfg, method="deme", interval=i, N=d.n, sweep_run=name)
     save_model(merged, out_dir / "merged", vcfg, method="deme-merged", weights=list(weights), sweep_run=name)
     write_json(paths.sweep_metrics(name), out)
-    ctx.run.log_metrics({k: v for k, v in out.items() if k.startswith("fid_")})
+    ctx.run.log_metrics({k: v for k, v in out.items() if k.startswith("fid_")} | timings)
     for i in d.intervals:
         clear_checkpoint(paths.ckpt(f"sweep-{name}-interval-{i}"))
     paths.ckpt(f"sweep-{name}").joinpath("scores.jsonl").unlink(missing_ok=True)

@@ -1,4 +1,4 @@
-"""The analysis library of PAPER.md §4 (Figs. 1a, 2, 4, 6a, 6b, 7 and the x̂0 sequence view): known
+"""The analysis library of docs/paper.md §4 (Figs. 1a, 2, 4, 6a, 6b, 7 and the x̂0 sequence view): known
 answers on tiny UNets, and every figure function on a small saved npz."""
 from __future__ import annotations
 

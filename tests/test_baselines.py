@@ -1,4 +1,4 @@
-"""Baselines of PAPER.md §2.2 and §6.2-6.3: the Nash-bargaining solver, ANT-UW / ANT-NashMTL, Diff-Tuning,
+"""Baselines of docs/paper.md §2.2 and §6.2-6.3: the Nash-bargaining solver, ANT-UW / ANT-NashMTL, Diff-Tuning,
 and every baseline objective through the training loop (smoke runs, resume)."""
 from __future__ import annotations
 
@@ -325,7 +325,7 @@ def test_retention_weight():
     torch.testing.assert_close(xi, 1 - t.double() / T, rtol=0, atol=1e-15)
     assert float(xi[0]) == 1.0 and float(xi[999]) == pytest.approx(0.001)
     assert float(xi[500]) == 0.5
-    assert torch.all(xi[1:] < xi[:-1]), "the retention weight must decrease with t (PAPER.md §6.2)"
+    assert torch.all(xi[1:] < xi[:-1]), "the retention weight must decrease with t (docs/paper.md §6.2)"
     assert torch.all((xi > 0) & (xi <= 1))
 
 

@@ -1,4 +1,4 @@
-"""Captioned datasets in deme.data.readers (``data.kind: laion``, PAPER.md §8.2): an image folder with
+"""Captioned datasets in deme.data.readers (``data.kind: laion``, docs/paper.md §8.2): an image folder with
 metadata.csv / metadata.jsonl / sidecar .txt captions, or parquet with a text column. The captions of the
 kept images reach train.meta.npz / ref.meta.npz (key ``captions``, read by deme.data.load_set) in image
 order; bad captions and bad metadata rows are skipped and listed, or fatal naming the file and line.

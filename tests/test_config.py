@@ -258,6 +258,15 @@ def test_profiles_use_of_a_t2i_profile_writes_its_section_and_keeps_the_rest(tmp
     assert load_config(p).profile == "tiny" and load_config(p, "t2i").profile == "micro_t2i"
 
 
+def test_profiles_use_from_a_subfolder_writes_the_repository_params(tmp_path, monkeypatch):
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "deme").mkdir()
+    monkeypatch.chdir(tmp_path / "deme")
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    assert main(["use", "micro"]) == 0
+    assert not (tmp_path / "deme" / "params.yaml").exists() and load_config(tmp_path / "params.yaml").profile == "micro"
+
+
 def test_profiles_use_keeps_backup(tmp_path):
     p = tmp_path / "params.yaml"
     p.write_text("profile: tiny\nseed: 7\n")

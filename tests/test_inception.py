@@ -129,7 +129,7 @@ def test_legacy_tensorflow_resizes_inside(helper_file, layers, images):
 
 
 def test_fp32_under_autocast(helper_file):
-    """PAPER.md §8.3: Inception runs in fp32 even inside an fp16/bf16 autocast region and on fp16 input."""
+    """docs/paper.md §8.3: Inception runs in fp32 even inside an fp16/bf16 autocast region and on fp16 input."""
     space = inception_space("clean", "cpu")
     x = (torch.rand(2, 3, 299, 299) * 255).half()
     with torch.no_grad():

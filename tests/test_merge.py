@@ -1,4 +1,4 @@
-"""Task vectors, task arithmetic, the merged model and the merge-weight searches (PAPER.md §1.8)."""
+"""Task vectors, task arithmetic, the merged model and the merge-weight searches (docs/paper.md §1.8)."""
 from __future__ import annotations
 
 import itertools
@@ -98,7 +98,7 @@ def test_linearity_half_weight_is_midpoint(states):
 def test_merge_is_base_plus_weighted_sum(states):
     base, fts = states
     taus = [task_vector(f, base) for f in fts]
-    w = [0.1, 0.1, 0.2, 0.5]  # the official church weights (PAPER.md §1.8), not summing to 1
+    w = [0.1, 0.1, 0.2, 0.5]  # the official church weights (docs/paper.md §1.8), not summing to 1
     merged = merge_states(base, taus, w)
     for k in taus[0]:
         expected = base[k].double() + sum(wi * t[k].double() for wi, t in zip(w, taus))

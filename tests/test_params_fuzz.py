@@ -45,6 +45,8 @@ RUN = {"n": 4, "table3": True}  # a valid sweep run, to be broken one field at a
 MAPPING_CASES = [
     # ------------------------------------------------------------------ wrong types
     case("str-for-int", {"finetune": {"iterations": "100"}}, "finetune.iterations", "expected an integer"),
+    case("merge-start-out-of-bounds", {"merge": {"start": 100}}, "merge.start", "within merge.bounds"),
+    case("merge-coarse-out-of-bounds", {"merge": {"coarse": [0.0, 3.0]}}, "merge.coarse", "within merge.bounds"),
     case("str-for-int-pretrain", {"pretrain": {"batch_size": "64"}}, "pretrain.batch_size", "integer"),
     case("float-for-int", {"seed": 1.5}, "seed", "integer"),
     case("inf-for-int", {"sample": {"steps": float("inf")}}, "sample.steps", "integer"),

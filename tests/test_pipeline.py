@@ -225,6 +225,11 @@ def test_one_mlflow_run_per_stage_with_tags(micro_repo):
     assert "fid" in ev.data.metrics
     ft = next(r for r in runs if r.info.run_name == "finetune@interval-1")
     assert {"loss", "loss_eps", "loss_consistency"} <= set(ft.data.metrics)
+    # compare-ready: every setting as a param, one group per repro, images by key, data set and system metrics
+    assert ev.data.params["deme.p"] == ft.data.params["deme.p"] and ev.data.params["method"] == "merged"
+    assert len({r.data.tags["deme.group"] for r in runs}) == 1
+    assert [d.dataset.name for d in ft.inputs.dataset_inputs] == ["micro/train"]
+    assert any(k.startswith("system/") for k in ft.data.metrics)
 
 
 def test_second_repro_does_nothing(micro_repo):
@@ -283,6 +288,66 @@ def test_finetune_param_makes_exactly_its_dependents_stale(micro_repo):
         assert not stale & {"prepare", "featnet", "fid_ref", "pretrain", "buffer", "evaluate@pretrained"}
     finally:
         params.write_text(original)
+    assert _stale(work, env) == set()
+
+
+def test_a_module_edit_makes_exactly_its_importers_stale(micro_repo):
+    """Code deps are the import closure: touching deme/merge.py makes stale exactly the image stages whose
+    command imports it, and restoring it makes the pipeline clean again."""
+    from deme import codedeps
+
+    work, env, _ = micro_repo
+    module = work / "deme" / "merge.py"
+    original = module.read_text()
+    cmds = codedeps._stages((work / "dvc.yaml").read_text())
+    want = {name for name, cmd in cmds.items()
+            if not name.startswith("t2i_") and "deme/merge.py" in codedeps.closure(cmd, work)}
+    assert want and want != {n for n in cmds if not n.startswith("t2i_")}  # some stages import it, not all
+    try:
+        module.write_text(original + "\n# touched\n")
+        out = _run([sys.executable, "-m", "dvc", "status", "--json", "dvc.yaml"], work, env)
+        assert {s.split("@")[0] for s in json.loads(out.stdout or "{}") if not s.startswith("t2i_")} == want
+    finally:
+        module.write_text(original)
+    assert _stale(work, env) == set()
+
+
+def test_outputs_are_a_function_of_their_inputs_only(micro_repo):
+    """Nothing that changes with a commit, a clock or a host goes into an output: after a new commit, a forced
+    rerun of a training and an evaluation stage (same thread count as the pipeline's) leaves `dvc status`
+    clean, so nothing downstream is stale."""
+    work, env, _ = micro_repo
+    one_core = {**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with _Restoring(work, "mlflow.db"):
+        _run(["git", "commit", "-q", "--allow-empty", "-m", "another commit"], work, env)
+        for stage in ("finetune@1", "evaluate@pretrained"):
+            _run([sys.executable, "-m", "dvc", "repro", "-f", "-s", stage], work, one_core)
+    assert _stale(work, env) == set()
+
+
+# Bad values as `dvc exp run -S` writes them (the fuzz cases of test_params_fuzz.py that -S can express).
+BAD_SET_PARAMS = ["deme.p=1.5", "finetune.iterations=-5", "sample.steps=abc", "data.kind=nope",
+                  "finetune.lr=true", "fid.modes=clean", "merge.start=100", "t2i.sample.eta=2"]
+
+
+def _snapshot(work: Path) -> dict[Path, bytes]:
+    skip = {".git", "mlflow.db", "__pycache__", "tmp"}
+    return {f: f.read_bytes() for f in sorted(work.rglob("*"))
+            if f.is_file() and not skip & set(f.relative_to(work).parts)}
+
+
+def test_a_bad_exp_run_param_leaves_every_output_and_params_yaml_as_they_were(micro_repo):
+    """The `validate` stage runs before DVC removes any output; under `dvc exp run` it puts params.yaml back."""
+    work, env, _ = micro_repo
+    before = _snapshot(work)
+    assert any(p.parts[-2:] == ("micro", "pretrained") or "models" in p.parts for p in before)
+    for setting in BAD_SET_PARAMS:
+        proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "report", "-S", setting], cwd=work,
+                              env=env, capture_output=True, text=True, timeout=300)
+        errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error: ")]
+        assert proc.returncode != 0 and len(errors) == 1 and setting.split("=")[0] in errors[0], (setting, errors)
+        after = _snapshot(work)
+        assert after.keys() == before.keys() and all(after[f] == before[f] for f in before), setting
     assert _stale(work, env) == set()
 
 
@@ -429,8 +494,14 @@ def test_exp_run_of_one_baseline_hparam_reruns_only_that_baseline(repos):
     work, env = _job(repos, "exp")
     out = (work / "exp_run.out").read_text()
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert ran == {"finetune_baseline@p2", "evaluate@p2", "report"}
+    assert ran == {"validate", "finetune_baseline@p2", "evaluate@p2", "report"}  # validate: params.yaml changed
     assert "fid" in (work / "exp_show.json").read_text()
+    table = _run([sys.executable, "-m", "dvc", "exp", "show", "--only-changed", "--no-pager"], work,
+                 {**env, "COLUMNS": "1000"}).stdout  # as wide as it wants: the table itself must fit
+    width = max(len(line.rstrip()) for line in table.splitlines())
+    assert width <= 160 and "p2.fid" in table and "gamma" in table, (width, table[:2000])
+    summary = json.loads((work / "metrics" / "micro.json").read_text())
+    assert {"fid", "fid_lo", "fid_hi", "n"} <= set(summary["p2"]) and summary["p2"]["n"] in (1, 2)
     exp_runs = [r for r in _runs(work) if r.data.tags.get("dvc_exp")]
     assert {r.data.tags["stage"] for r in exp_runs} == {"finetune", "evaluate", "report"}
     assert all(r.data.tags["dvc_exp"] == exp_runs[0].data.tags["dvc_exp"] for r in exp_runs)

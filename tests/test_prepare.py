@@ -1,7 +1,7 @@
 """Real-dataset readers of the `prepare` stage (deme.data.readers), on tiny fake datasets built here.
 
 Covers the four input layouts (CIFAR-10 python pickles, parquet in the HF export layout, image folders,
-LSUN lmdb when the lmdb module is installed), the PAPER.md §1.6 transform (shorter side to the resolution,
+LSUN lmdb when the lmdb module is installed), the docs/paper.md §1.6 transform (shorter side to the resolution,
 bilinear, then a random or center crop, no flip), subsets and reference-set sources, corrupt images, the
 restricted unpickler, and the output files (exact .npy header count, sha256 in the manifest).
 """
@@ -319,7 +319,7 @@ def test_all_images_corrupt_is_an_error(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# transform (PAPER.md §1.6)
+# transform (docs/paper.md §1.6)
 # ----------------------------------------------------------------------------------------------------
 
 def test_shorter_side_resize_and_center_crop_geometry():

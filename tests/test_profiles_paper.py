@@ -1,9 +1,9 @@
 """The paper-scale profiles (cifar10, church, bedroom) as data, and their stages run for real on tiny inputs.
 
-- The presets hold the settings of PAPER.md §1.6 (finetuning), §1.8 (merge grid), §1.9 (DDIM-50, FID-50K)
+- The presets hold the settings of docs/paper.md §1.6 (finetuning), §1.8 (merge grid), §1.9 (DDIM-50, FID-50K)
   and §8.3 (clean-fid modes with Inception), and survive the `deme.profiles use` YAML round trip.
-- Their UNets have the parameter counts of PAPER.md §1.5 / §8.1, with and without channel projection.
-- Hub loading (PAPER.md §8.4): a tiny UNet2DModel saved into a fake Hugging Face cache laid out as
+- Their UNets have the parameter counts of docs/paper.md §1.5 / §8.1, with and without channel projection.
+- Hub loading (docs/paper.md §8.4): a tiny UNet2DModel saved into a fake Hugging Face cache laid out as
   huggingface_hub lays it out, loaded through deme.models.fetch_checkpoint offline; missing checkpoints
   fail at once, without touching the network, naming what to fetch and where it was looked for.
 - The `pretrain`, `prepare` and `featnet` stages run in-process (their `__main__` block via runpy) in a
@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated:UserWarning")
 
 # ----------------------------------------------------------------------------------------------------
-# 1. Profiles as data (PAPER.md §1.6, §1.8, §1.9, §8.1, §8.3)
+# 1. Profiles as data (docs/paper.md §1.6, §1.8, §1.9, §8.1, §8.3)
 # ----------------------------------------------------------------------------------------------------
 
 # profile: (resolution, p, micro-batch, grad_accum, lr, checkpoint)
@@ -97,7 +97,7 @@ def test_paper_profile_survives_the_params_yaml_round_trip(profile, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2. Parameter counts (PAPER.md §1.5 and §8.1, Table 4)
+# 2. Parameter counts (docs/paper.md §1.5 and §8.1, Table 4)
 # ----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("profile,base,with_cp,cp_params", [
@@ -199,7 +199,7 @@ def test_fetch_checkpoint_loads_the_cached_weights(fake_hub, no_network):
 @pytest.mark.parametrize("shell_env", ["HF_HUB_OFFLINE=1", "unset"])
 def test_missing_hub_id_fails_at_once_without_network(fake_hub, no_network, monkeypatch, shell_env):
     """'unset': a user's shell without HF_HUB_OFFLINE (huggingface_hub imported with it off); the stage
-    must still stay offline (PAPER.md §8.4) rather than retry huggingface.co for half a minute."""
+    must still stay offline (docs/paper.md §8.4) rather than retry huggingface.co for half a minute."""
     import huggingface_hub.constants as hf_constants
 
     cache, _ = fake_hub

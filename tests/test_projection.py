@@ -1,4 +1,4 @@
-"""Channel-wise projection (PAPER.md §1.5): identity at init, placement, counts, deepcopy, state dict."""
+"""Channel-wise projection (docs/paper.md §1.5): identity at init, placement, counts, deepcopy, state dict."""
 from __future__ import annotations
 
 import copy
@@ -179,7 +179,7 @@ LSUN_KW = dict(sample_size=256, block_out_channels=(128, 128, 256, 256, 512, 512
 
 
 def test_lsun_church_parameter_count_matches_paper():
-    """PAPER.md §1.5: 13 layers, 4*128^2 + 4*256^2 + 5*512^2 = 1,638,400; 113.67M -> 115.31M."""
+    """docs/paper.md §1.5: 13 layers, 4*128^2 + 4*256^2 + 5*512^2 = 1,638,400; 113.67M -> 115.31M."""
     from diffusers import UNet2DModel
 
     t0 = time.perf_counter()

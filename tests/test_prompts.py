@@ -1,4 +1,4 @@
-"""Benchmark prompt sets and FID references of the text-to-image profiles (deme.data.prompts; PAPER.md
+"""Benchmark prompt sets and FID references of the text-to-image profiles (deme.data.prompts; docs/paper.md
 §3.2, §8.3): the readers of BK-SDM's COCO metadata.csv, ImageNet class-name files and PartiPrompts, with
 errors by file and line; the COCO / proxy split; the reference arrays; the tiny stand-ins; and the
 prepare stage run in-process with --t2i (micro_t2i, and sd14 on tiny files).
@@ -321,7 +321,7 @@ def test_stage_sd14_real_files_and_failure_leaves_previous_data(workdir, monkeyp
 
 def test_separate_coco_proxy_file_must_be_disjoint(workdir, monkeypatch, capsys, tmp_path):
     """benchmarks.coco_proxy_prompts: the merge search's prompts from another caption file (sd14's default),
-    whose images must not be among the evaluated ones (PAPER.md §1.8)."""
+    whose images must not be among the evaluated ones (docs/paper.md §1.8)."""
     params = sd14_inputs(tmp_path)
     b = params["t2i"]["benchmarks"]
     meta, images = coco_files(tmp_path / "big", 20)

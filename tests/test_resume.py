@@ -278,3 +278,48 @@ def test_truncated_model_file_is_one_clear_line(tmp_path):
         load_model(tmp_path / "m")
     assert str(tmp_path / "m") in str(e.value) and "\n" not in str(e.value)
     json.loads((tmp_path / "m" / "config.json").read_text())  # the error touched nothing
+
+
+# ---------------------------------------------------------------------------------------------- what a resume covers
+
+
+@pytest.mark.parametrize("change", ["settings", "code"])
+def test_a_training_checkpoint_resumes_only_with_the_same_settings_and_code(tmp_path, monkeypatch, capsys, change):
+    """The checkpoint records the settings' fingerprint and the digest of the stage's code closure
+    (deme/codedeps.py); either one changed: the stage starts over and says why; neither: it resumes."""
+    from diffusers.training_utils import EMAModel
+
+    from deme.train import _load_checkpoint, _save_checkpoint
+
+    model = make_tiny_unet()
+    parts = lambda: (make_tiny_unet(), EMAModel(model.parameters()), torch.optim.AdamW(model.parameters()))  # noqa: E731
+    monkeypatch.setattr("deme.codedeps.running", lambda: "code-a")
+    _save_checkpoint(tmp_path / "ck", 3, "fp", model, EMAModel(model.parameters()), torch.optim.AdamW(model.parameters()))
+    assert _load_checkpoint(tmp_path / "ck", "fp", *parts()) == 3
+    if change == "code":
+        monkeypatch.setattr("deme.codedeps.running", lambda: "code-b")
+    assert _load_checkpoint(tmp_path / "ck", "fp" if change == "code" else "fp2", *parts()) == 0
+    assert ("other code" if change == "code" else "other settings") in capsys.readouterr().out
+    assert not (tmp_path / "ck").exists()
+
+
+def test_shards_of_other_code_are_not_reused(tmp_path, monkeypatch):
+    monkeypatch.setattr("deme.codedeps.running", lambda: "code-a")
+    Shards(tmp_path / "r", {"a": 1}).put("k", {"x": np.arange(3)})
+    assert Shards(tmp_path / "r", {"a": 1}).get("k") is not None
+    monkeypatch.setattr("deme.codedeps.running", lambda: "code-b")
+    assert Shards(tmp_path / "r", {"a": 1}).get("k") is None
+
+
+def test_the_running_stage_code_digest_is_its_import_closure(monkeypatch):
+    from deme import codedeps
+
+    codedeps.running.cache_clear()
+    monkeypatch.setattr(sys, "argv", [str(codedeps.ROOT / "stages" / "merge.py")])
+    try:
+        assert codedeps.running() == codedeps.digest("python stages/merge.py") != ""
+    finally:
+        codedeps.running.cache_clear()
+    monkeypatch.setattr(sys, "argv", ["pytest"])
+    assert codedeps.running() == ""
+    codedeps.running.cache_clear()

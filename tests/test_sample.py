@@ -1,4 +1,4 @@
-"""Sampling: the timestep ensemble (PAPER.md §1.7), per-seed noise, DDIM, quantisation, grids, seeds."""
+"""Sampling: the timestep ensemble (docs/paper.md §1.7), per-seed noise, DDIM, quantisation, grids, seeds."""
 from __future__ import annotations
 
 from types import SimpleNamespace

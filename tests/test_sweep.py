@@ -29,7 +29,7 @@ def test_tiny_sweep_holds_table3_factorial_and_fig8_grid():
     assert fig8_n == [1, 2, 4, 5, 8, 10]
     fig8_p = sorted(r.p for r in runs.values() if r.fig8 and r.p is not None) + [cfg.deme.p]
     assert sorted(fig8_p) == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0]
-    assert cfg.sweep.table3_steps == 100  # PAPER.md §3.3: 100-step DDIM
+    assert cfg.sweep.table3_steps == 100  # docs/paper.md §3.3: 100-step DDIM
 
 
 @pytest.mark.parametrize("run, key", [

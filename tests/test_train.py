@@ -194,7 +194,7 @@ class _Snapshot:
 
 
 def test_returned_model_is_the_ema_with_warmup(ab, random_images):
-    """EMA with warm-up (PAPER.md §1.6): decay at optimizer step s is min(max, 1 - s^-power) with
+    """EMA with warm-up (docs/paper.md §1.6): decay at optimizer step s is min(max, 1 - s^-power) with
     decay 0 at s = 1 (diffusers' EMAModel counts from 0 after the first update)."""
     init = make_tiny_unet(seed=6)
     n = 4
@@ -397,7 +397,7 @@ def test_cosine_schedule_resume_equals_uninterrupted(ab, random_images, tmp_path
 # ----------------------------------------------------------------------------------------- FID curve hook
 
 def test_evaluate_hook_sees_the_ema_weights_and_leaves_training_untouched(ab, random_images):
-    """train(evaluate=...) is called every eval_every steps with the EMA weights (PAPER.md §1.6 FID curves),
+    """train(evaluate=...) is called every eval_every steps with the EMA weights (docs/paper.md §1.6 FID curves),
     its metrics are logged at that step, and the run ends with exactly the weights of a run without it."""
     init = make_tiny_unet(seed=8)
     cfg = _cfg(iterations=6, eval_every=2, log_every=3, ema_max_decay=0.9)

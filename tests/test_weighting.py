@@ -1,4 +1,4 @@
-"""Loss-reweighting baselines (PAPER.md §2.1): lambda_eps(t) of every scheme, its identities, and the
+"""Loss-reweighting baselines (docs/paper.md §2.1): lambda_eps(t) of every scheme, its identities, and the
 weighted epsilon objective."""
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def numpy_alpha_bar(cfg: ScheduleConfig) -> np.ndarray:
 
 
 def expected_weights(scheme: str, ab: np.ndarray, **h) -> np.ndarray:
-    """The lambda_eps column of the PAPER.md §2.1 table, written out by hand."""
+    """The lambda_eps column of the docs/paper.md §2.1 table, written out by hand."""
     snr = ab / (1.0 - ab)
     if scheme == "uniform":
         return np.ones_like(ab)
@@ -51,7 +51,7 @@ def expected_weights(scheme: str, ab: np.ndarray, **h) -> np.ndarray:
 
 
 def lambda_x0(scheme: str, snr: torch.Tensor, **h) -> torch.Tensor:
-    """The lambda_x0 column of the PAPER.md §2.1 table (weight on ||x0 - x0_hat||^2)."""
+    """The lambda_x0 column of the docs/paper.md §2.1 table (weight on ||x0 - x0_hat||^2)."""
     if scheme == "uniform":
         return snr
     if scheme == "snr_plus_one":
@@ -118,7 +118,7 @@ def test_hyperparameters_are_used(scheme, h, schedule):
 
 
 def test_dynamic_range_table_ddpm(ab_ddpm):
-    """The 'dynamic range' table of PAPER.md §2.1 (DDPM linear schedule)."""
+    """The 'dynamic range' table of docs/paper.md §2.1 (DDPM linear schedule)."""
     w = {s: epsilon_weights(s, ab_ddpm).numpy() for s in SCHEMES}
     table = {
         "snr_plus_one": {0: 1.0001, 99: 1.11, 249: 1.91, 499: 12.7, 749: 298, 999: 24_778},
@@ -146,7 +146,7 @@ def test_dynamic_range_sd(ab_sd):
 
 @pytest.mark.parametrize("schedule", sorted(SCHEDULES))
 def test_snr_plus_one_is_the_v_prediction_mse(schedule):
-    """||v - v_hat||^2 = ||eps - eps_hat||^2 / alpha_bar for an epsilon network (PAPER.md §2.1)."""
+    """||v - v_hat||^2 = ||eps - eps_hat||^2 / alpha_bar for an epsilon network (docs/paper.md §2.1)."""
     ab_all = _ab(schedule)
     g = torch.Generator().manual_seed(0)
     t = torch.tensor([0, 1, 99, 249, 354, 499, 749, 998, 999])

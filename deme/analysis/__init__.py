@@ -1,4 +1,4 @@
-"""Analysis figures of PAPER.md §4: pure compute functions (models in, numpy dicts out, saved with
+"""Analysis figures of docs/paper.md §4: pure compute functions (models in, numpy dicts out, saved with
 ``np.savez(path, **result)``) and plotting functions that read only those .npz files.
 
 Figure -> compute function (module) -> plotting function in ``figures``:

@@ -1,4 +1,4 @@
-"""Fig. 2: are the activation changes of finetuning channel-wise or spatial? (PAPER.md §4, Fig. 2 recipe)
+"""Fig. 2: are the activation changes of finetuning channel-wise or spatial? (docs/paper.md §4, Fig. 2 recipe)
 
 At the main-path output F in R^{B x C x H x W} of every down, mid and up block (``projected_blocks``):
 
@@ -86,7 +86,7 @@ def compute_activations(pre: nn.Module, post: nn.Module, x0: torch.Tensor, noise
                         t: int | torch.Tensor, alphas_cumprod: torch.Tensor, cond: dict | None = None,
                         layer: str | None = None, *, micro_batch: int = 64, max_pooled: int = 1_000_000,
                         seed: int = 0) -> dict[str, np.ndarray]:
-    """Fig. 2 (PAPER.md §4): the channel and spatial activation changes between ``pre`` (pretrained) and
+    """Fig. 2 (docs/paper.md §4): the channel and spatial activation changes between ``pre`` (pretrained) and
     ``post`` (finetuned) on the same noisy inputs x_t = add_noise(x0, noise, t) (``t``: one int, or one
     timestep per image drawn from the interval).
 

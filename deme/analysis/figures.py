@@ -1,7 +1,7 @@
-"""The analysis figures (PAPER.md §4), one function per figure.
+"""The analysis figures (docs/paper.md §4), one function per figure.
 
 Each ``fn(npz_path, png_path) -> png_path`` reads only the .npz written from the matching ``compute_*``
-result (``np.savez(path, **result)``) and writes a PNG and a PDF with the same stem (PAPER.md §4, general
+result (``np.savez(path, **result)``) and writes a PNG and a PDF with the same stem (docs/paper.md §4, general
 conventions: plotting is cheap, testable and never touches a model).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Fig. 1(a): cosine similarity of the epsilon-MSE gradients at different timesteps (PAPER.md §4).
+"""Fig. 1(a): cosine similarity of the epsilon-MSE gradients at different timesteps (docs/paper.md §4).
 
     g_t = d/d theta  (1/B) sum_b ||eps_b - eps_theta(x_t^b, t)||^2 / (C H W),     S[t, t'] = cos(g_t, g_t')
 
@@ -6,7 +6,7 @@ Every g_t uses the same B images and the same noise (common random numbers, the 
 S[t, t'] differs from 1 only because of t; the timestep is fixed within a gradient. Gradients are
 accumulated over micro-batches (the paper: 128 x 4 = 512 images).
 
-Memory (PAPER.md §4, "Memory"): with ``sketch_dim = d > 0`` each gradient is replaced by the Gaussian
+Memory (docs/paper.md §4, "Memory"): with ``sketch_dim = d > 0`` each gradient is replaced by the Gaussian
 Johnson-Lindenstrauss sketch R^T g with R in R^{D x d}, R_ij ~ N(0, 1/d), whose inner products estimate
 those of the gradients (cosine error about 1/sqrt(d)). R is never formed: its rows for each parameter
 tensor are generated in chunks from a seed derived from (seed, parameter name), so it is the same for
@@ -102,7 +102,7 @@ def compute_gradsim(model: nn.Module, x0: torch.Tensor, noise: torch.Tensor, tim
                     alphas_cumprod: torch.Tensor, *, micro_batch: int = 128, sketch_dim: int = 0, seed: int = 0,
                     group: int = 64, cond: dict | None = None, progress: bool = False,
                     shards=None) -> dict[str, np.ndarray]:
-    """Fig. 1(a) (PAPER.md §4): S = cos(g_t, g_t') for t, t' in ``timesteps``, with the same ``x0`` and
+    """Fig. 1(a) (docs/paper.md §4): S = cos(g_t, g_t') for t, t' in ``timesteps``, with the same ``x0`` and
     ``noise`` for every t. Gradients are sketched ``group`` timesteps at a time when ``sketch_dim > 0``;
     ``shards`` (deme/resume.py) keeps each finished group's rows, so a killed run resumes.
 

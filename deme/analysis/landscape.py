@@ -1,5 +1,5 @@
 """Loss landscapes: the Li et al. (2018) filter-normalised random plane of Fig. 4, and the loss-on-a-plane
-evaluator shared with Fig. 6a (PAPER.md §4, "Fig. 4" and "Fig. 6(a)").
+evaluator shared with Fig. 6a (docs/paper.md §4, "Fig. 4" and "Fig. 6(a)").
 
 Every loss here is the plain epsilon-MSE (mean over batch, channels and pixels, fp32) on a *fixed*
 evaluation set (images, noise and timesteps chosen once), so two grid points differ only by their weights.
@@ -49,7 +49,7 @@ def to_device(cond: dict | None, device: torch.device) -> dict:
 def eps_mse(model: nn.Module, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
             alphas_cumprod: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
     """The plain epsilon-MSE ||eps - eps_theta(x_t, t)||^2, mean over batch, channels and pixels (fp32),
-    as in ``deme.objectives.deme.EpsObjective`` with no weights and no consistency term (PAPER.md §1.3).
+    as in ``deme.objectives.deme.EpsObjective`` with no weights and no consistency term (docs/paper.md §1.3).
     The inputs may live on another device than the model (e.g. a large fixed set kept on the CPU): each
     (micro-)batch is moved to the model's device."""
     device = model_device(model)
@@ -206,7 +206,7 @@ def compute_landscape(model: nn.Module, x0: torch.Tensor, noise: torch.Tensor,
                       ranges: Sequence[tuple[int, int]], alphas_cumprod: torch.Tensor, *, grid: int = 25,
                       span: float = 1.0, t_draws: int = 4, seed: int = 0, cond: dict | None = None,
                       micro_batch: int = 256, progress: bool = False, shards=None) -> dict[str, np.ndarray]:
-    """Fig. 4 (PAPER.md §4): the eps-MSE of ``model`` on the filter-normalised random plane, one surface
+    """Fig. 4 (docs/paper.md §4): the eps-MSE of ``model`` on the filter-normalised random plane, one surface
     per timestep range, all from the same two directions (seeded) and the same images and noise
     (``shards``: keep finished grid points, deme/resume.py).
 

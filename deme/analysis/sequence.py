@@ -1,4 +1,4 @@
-"""The x̂0 sequence view asked for by reviewer 2 (PAPER.md §4, "Fig. 5, Figs. 9-14"): the clean-image
+"""The x̂0 sequence view asked for by reviewer 2 (docs/paper.md §4, "Fig. 5, Figs. 9-14"): the clean-image
 prediction of several models at the end of each timestep interval, all from the same initial noise.
 
 Sampling is the deterministic DDIM of ``deme.sample.ddim_sample`` (eta = 0, same scheduler and steps), so

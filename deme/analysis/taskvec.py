@@ -1,5 +1,5 @@
 """Task-vector geometry: the Fig. 6(a) plane, the Fig. 6(b) per-layer statistics and the Fig. 7 cosine
-matrices with their seed noise floor (PAPER.md §4).
+matrices with their seed noise floor (docs/paper.md §4).
 
 A task vector tau_i = theta_i - theta is a state (``deme.merge.task_vector``: float64, floating tensors
 only, projections included). Flattening follows the state's key order (``deme.merge.flatten``).
@@ -95,7 +95,7 @@ def compute_planes(model: nn.Module, base: State, finetuned: Mapping[str, State]
                    pairs: Sequence[tuple[int, int]] | None = None, merge_weights: Sequence[float] | None = None,
                    *, grid: int = 31, margin: float = 0.2, progress: bool = False,
                    shards=None) -> dict[str, np.ndarray]:
-    """Fig. 6(a) (PAPER.md §4) for several pairs of interval models (default: all pairs, in order);
+    """Fig. 6(a) (docs/paper.md §4) for several pairs of interval models (default: all pairs, in order);
     ``shards`` keeps finished grid points (deme/resume.py).
 
     ``base`` is the pretrained state theta (with identity projections when the models carry them),
@@ -195,7 +195,7 @@ def group_statistics(values: np.ndarray) -> dict[str, np.ndarray | float]:
 
 def compute_layer_stats(base: State, finetuned: Mapping[str, State], intervals: Sequence[tuple[int, int]],
                         num_timesteps: int = 1000) -> dict[str, np.ndarray]:
-    """Fig. 6(b) (PAPER.md §4): per-module statistics of tau_i for every interval model.
+    """Fig. 6(b) (docs/paper.md §4): per-module statistics of tau_i for every interval model.
 
     With >= 2 models, also the 2-way pooled view: the entries of all models whose interval lies in
     [0, T/2) (low noise) against those in [T/2, T) (high noise).
@@ -254,14 +254,14 @@ def cosine(tau_a: State, tau_b: State) -> float:
 
 
 def noise_floor(finetuned_1: State, finetuned_2: State, base: State) -> float:
-    """The cosine between two task vectors of the same interval trained with different seeds (PAPER.md §4,
+    """The cosine between two task vectors of the same interval trained with different seeds (docs/paper.md §4,
     Fig. 7 [OURS]): what "orthogonal" means for task vectors that share their task."""
     return cosine(task_vector(finetuned_1, base), task_vector(finetuned_2, base))
 
 
 def compute_cosines(base: State, finetuned: Mapping[str, State],
                     seed_pairs: Mapping[str, tuple[State, State]] | None = None) -> dict[str, np.ndarray]:
-    """Fig. 7 (PAPER.md §4): the N x N cosine matrix of the task vectors over all parameters and per
+    """Fig. 7 (docs/paper.md §4): the N x N cosine matrix of the task vectors over all parameters and per
     layer group, and the noise floor of each ``seed_pairs`` entry (two finetuned states of the same
     interval, different seeds), overall and per group.
 

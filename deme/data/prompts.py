@@ -1,11 +1,11 @@
-"""Prompt sets and FID references of the zero-shot text-to-image benchmarks (PAPER.md §3.2, §8.3).
+"""Prompt sets and FID references of the zero-shot text-to-image benchmarks (docs/paper.md §3.2, §8.3).
 
 The user's files (``benchmarks.*`` in params.yaml), read and validated here; every problem is one line
 naming the file and line (``PromptError``):
 
 - MS-COCO: BK-SDM's ``mscoco_val2014_30k/metadata.csv`` (``file_name,text``, one caption per val2014
   image). The first ``coco_count`` rows are the evaluated prompts (COCO-30K); the next
-  ``merge.proxy_samples`` rows are the merge search's FID proxy (PAPER.md §1.8: disjoint from the
+  ``merge.proxy_samples`` rows are the merge search's FID proxy (docs/paper.md §1.8: disjoint from the
   evaluated prompts). FID reference: every image of ``coco_images`` (val2014, 40,504 images) resized to
   ``fid_resolution`` squared with PIL bicubic, as BK-SDM (§8.3).
 - ImageNet-1K: the class names (``.txt`` one per line in class-index order, or ``index<TAB>name``), each
@@ -56,7 +56,7 @@ FID_BENCHMARKS = ("coco", "imagenet")
 SOURCE_KEYS = ("coco_prompts", "coco_images", "imagenet_classes", "imagenet_images", "parti_prompts")
 FOLDER_KEYS = ("coco_images", "imagenet_images")
 
-# What to fetch when a benchmark file is missing (PAPER.md §8.2; BK-SDM's scripts/get_mscoco_files.sh).
+# What to fetch when a benchmark file is missing (docs/paper.md §8.2; BK-SDM's scripts/get_mscoco_files.sh).
 FETCH = {
     "coco_prompts": "fetch BK-SDM's COCO-30K captions (file_name,text): wget https://netspresso-research-code-"
                     "release.s3.us-east-2.amazonaws.com/data/mscoco_val2014_30k/metadata.csv "
@@ -232,7 +232,7 @@ def _image_names(folder: Path) -> set[str]:
 def coco_sets(path: Path, count: int, proxy: int, *, images: Path | None = None, on_corrupt: str = "skip",
               label: str | None = None) -> tuple[dict, dict]:
     """(coco, coco_proxy): rows 1..count and the next ``proxy`` rows of the metadata (disjoint rows, so
-    the merge search never sees an evaluated prompt, PAPER.md §1.8). With ``images``, a row whose image
+    the merge search never sees an evaluated prompt, docs/paper.md §1.8). With ``images``, a row whose image
     is not in that folder is skipped and listed (``on_corrupt=skip``) or a PromptError (``fail``)."""
     path = Path(path)
     rows = read_coco_metadata(path)
@@ -259,17 +259,17 @@ def coco_sets(path: Path, count: int, proxy: int, *, images: Path | None = None,
         return prompt_set(name, "coco", [r.text for r in part], source, sha, purpose=purpose,
                           metrics=["fid", "clip"], file_names=[r.file_name for r in part],
                           lines=[r.line for r in part], skipped=skipped if name == "coco" else [])
-    return (make("coco", kept[:count], "evaluation (COCO-30K protocol, PAPER.md §3.2)"),
-            make("coco_proxy", kept[count:], "merge search FID proxy, disjoint from coco (PAPER.md §1.8)"))
+    return (make("coco", kept[:count], "evaluation (COCO-30K protocol, docs/paper.md §3.2)"),
+            make("coco_proxy", kept[count:], "merge search FID proxy, disjoint from coco (docs/paper.md §1.8)"))
 
 
 def imagenet_set(path: Path, template: str, per_class: int, label: str | None = None) -> dict:
-    """template with each class name, ``per_class`` times per class, in class order (PAPER.md §3.2)."""
+    """template with each class name, ``per_class`` times per class, in class order (docs/paper.md §3.2)."""
     names = read_class_names(path)
     prompts = [template.replace("{}", n) for n in names for _ in range(per_class)]
     index = [i for i in range(len(names)) for _ in range(per_class)]
     return prompt_set("imagenet", "imagenet", prompts, label or str(path), sha256_file(Path(path)),
-                      purpose="evaluation (ImageNet-1K prompts, PAPER.md §3.2)", metrics=["fid", "clip"],
+                      purpose="evaluation (ImageNet-1K prompts, docs/paper.md §3.2)", metrics=["fid", "clip"],
                       template=template, per_class=per_class, num_classes=len(names), class_names=names,
                       class_index=index)
 
@@ -285,7 +285,7 @@ def parti_set(path: Path, count: int = 0, seed: int = 0, label: str | None = Non
                                                                                          replace=False))
         rows = [rows[i] for i in keep]
     return prompt_set("parti", "parti", [r.prompt for r in rows], label or str(path), sha256_file(Path(path)),
-                      purpose="evaluation (PartiPrompts, CLIP score only, PAPER.md §3.2)", metrics=["clip"],
+                      purpose="evaluation (PartiPrompts, CLIP score only, docs/paper.md §3.2)", metrics=["clip"],
                       categories=[r.category for r in rows], challenges=[r.challenge for r in rows],
                       lines=[r.line for r in rows])
 
@@ -304,7 +304,7 @@ def load_prompt_set(path: str | Path) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
-# FID reference images (PAPER.md §8.3)
+# FID reference images (docs/paper.md §8.3)
 # ----------------------------------------------------------------------------------------------------
 
 def _rgb(img) -> Image.Image:
@@ -495,7 +495,7 @@ def build_prompt_sets(cfg, src: Sources) -> dict[str, dict]:
         if shared:
             raise PromptError(f"benchmarks.coco_proxy_prompts={path}: {len(shared)} of its images are also in "
                               f"benchmarks.coco_prompts (e.g. {sorted(shared)[0]}); the proxy must be disjoint "
-                              f"from the evaluated prompts (PAPER.md §1.8)")
+                              f"from the evaluated prompts (docs/paper.md §1.8)")
     else:
         coco, proxy = coco_sets(p["coco_prompts"], b.coco_count, cfg.merge.proxy_samples, images=p["coco_images"],
                                 on_corrupt=cfg.data.on_corrupt, label=L["coco_prompts"])

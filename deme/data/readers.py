@@ -1,6 +1,6 @@
 """Real-dataset readers for the `prepare` stage (paper-scale DDPM profiles).
 
-Datasets (../shared/PAPER.md §8.2): CIFAR-10 (the official python pickles, ``cifar-10-batches-py``),
+Datasets (docs/paper.md §8.2): CIFAR-10 (the official python pickles, ``cifar-10-batches-py``),
 LSUN Church (HF ``tglcourse/lsun_church_train``, parquet), LSUN Bedroom (the LSUN lmdb export), or any
 folder of images. ``prepare`` reads one of them, applies the training transform and writes fixed-size
 uint8 arrays the other stages read with ``np.load(mmap_mode="r")``:
@@ -10,7 +10,7 @@ uint8 arrays the other stages read with ``np.load(mmap_mode="r")``:
     out_dir/manifest.json  sources, counts, transform, seed, sha256 of both arrays, skipped images
     out_dir/{train,ref}.meta.npz  with captions=True: key ``captions``, one per kept image, in order
 
-Transform (PAPER.md §1.6, the official church script): convert to RGB, resize the shorter side to the
+Transform (docs/paper.md §1.6, the official church script): convert to RGB, resize the shorter side to the
 training resolution (PIL bilinear), then a random crop (the script's center-crop flag is off), no
 horizontal flip. The suite stores fixed-size arrays, so the random crop is drawn ONCE per image here, at
 prepare time, from an RNG seeded by (seed, source index); the official script draws a new crop every
@@ -24,7 +24,7 @@ held-out split (CIFAR ``test_batch``; parquet files whose name contains "test" o
 Big sets (LSUN church is ~120K images, ~24 GB at 256²) are streamed: images are decoded one at a time
 and written into a memory-mapped .npy, never held in RAM together.
 
-Captions (``captions=True``; ``data.kind: laion``, the SD finetuning set of PAPER.md §8.2, e.g. BK-SDM's
+Captions (``captions=True``; ``data.kind: laion``, the SD finetuning set of docs/paper.md §8.2, e.g. BK-SDM's
 preprocessed 212k LAION-Aesthetics 6.5+ folder): an image folder whose captions come from a
 ``metadata.csv`` (``file_name,text``: the HF imagefolder / BK-SDM convention) or ``metadata.jsonl``
 (``{"file_name": ..., "text": ...}`` per line), file names relative to the metadata file's folder, or
@@ -116,7 +116,7 @@ def detect_format(path: str | Path) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Transform (PAPER.md §1.6)
+# Transform (docs/paper.md §1.6)
 # ----------------------------------------------------------------------------------------------------
 
 def _crop_rng(seed: int, index: int) -> np.random.Generator:
@@ -682,7 +682,7 @@ class _Skips:
 
 
 def default_transform(resolution: int, crop: str, seed: int) -> Callable[[object, int], np.ndarray]:
-    """The training transform of PAPER.md §1.6 as a (image, source index) -> uint8 [r, r, 3] function."""
+    """The training transform of docs/paper.md §1.6 as a (image, source index) -> uint8 [r, r, 3] function."""
     return lambda img, index: transform_image(img, resolution, crop, seed, index)
 
 

@@ -1,4 +1,4 @@
-"""CLIP score (PAPER.md §1.9, §8.3) through open_clip, from local files only.
+"""CLIP score (docs/paper.md §1.9, §8.3) through open_clip, from local files only.
 
 Per image: ``100 * cos(image embedding, prompt embedding)`` with both embeddings L2-normalised, the image
 through the model's own preprocess (the transform ``open_clip.create_model_and_transforms`` returns, on PIL
@@ -453,7 +453,7 @@ class ClipScorer:
         return (100.0 * (image_features * text_features).sum(-1)).double().numpy()
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> np.ndarray:
-        """Per image: 100 x cos(image embedding, embedding of its prompt), PAPER.md §8.3 (float64 [n])."""
+        """Per image: 100 x cos(image embedding, embedding of its prompt), docs/paper.md §8.3 (float64 [n])."""
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         return self.cosine_scores(self.image_features(images), self.text_features(prompts))

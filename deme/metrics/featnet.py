@@ -112,7 +112,9 @@ def load_featnet(path: str | Path) -> tuple[FeatNet, str]:
     weights = path / "featnet.safetensors"
     if not weights.exists():
         raise FileNotFoundError(f"{weights}: feature network missing (make it with: dvc repro featnet)")
-    config = json.loads((path / "config.json").read_text())
+    from deme.io import read_json
+
+    config = read_json(path / "config.json")
     net = FeatNet(config["width"], config["feature_dim"])
     try:
         net.load_state_dict(load_file(str(weights)))

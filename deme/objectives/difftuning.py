@@ -1,8 +1,8 @@
-"""Diff-Tuning (Zhong et al., NeurIPS 2024; PAPER.md §6.2-6.3) as a finetuning baseline.
+"""Diff-Tuning (Zhong et al., NeurIPS 2024; docs/paper.md §6.2-6.3) as a finetuning baseline.
 
 Chain of forgetting: keep the pretrained model's behaviour where it transfers (small t) and adapt where it
 does not (large t). Retention weight xi(t) = 1 - t/T (decreasing in t), adaptation weight psi(t) = t/T,
-xi + psi = 1 (PAPER.md §6.2 resolves the letter assignment this way).
+xi + psi = 1 (docs/paper.md §6.2 resolves the letter assignment this way).
 
 - ``buffer`` variant (rebuttal's batch construction, the suite's default): each batch slot draws
   t ~ U{0..T-1}; with probability xi(t) it trains on an image of the retention buffer (pre-sampled from

@@ -1,6 +1,6 @@
 """Table 3 (technique ablation), Fig. 8 (sensitivity to N and p) and Table 4 (cost against
 mixture-of-experts methods): measured rows from the sweep's and the evaluate stage's JSON, the paper's
-numbers beside them in columns labelled as the paper's (PAPER.md §3.3-3.5)."""
+numbers beside them in columns labelled as the paper's (docs/paper.md §3.3-3.5)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -75,7 +75,7 @@ def table3_markdown(runs: dict[str, dict], steps: int, pretrained: dict | None) 
 
 def main_effects(runs: dict[str, dict], steps: int, n: int | None = None) -> dict[str, dict]:
     """Average change of the FID when one technique is switched on, over the factorial rows at N = n that
-    differ only in that technique (PAPER.md §5 A3-A9): {technique: {"ensemble": d, "merged": d, "pairs": k}}."""
+    differ only in that technique (docs/paper.md §5 A3-A9): {technique: {"ensemble": d, "merged": d, "pairs": k}}."""
     rows = [r for r in runs.values() if r.get("table3") and r["n"] > 1 and (n is None or r["n"] == n)
             and f"fid_merged_{steps}" in r]
     keys = {"PS": "probabilistic_sampling", "CL": "consistency_loss", "CP": "channel_projection"}
@@ -146,8 +146,8 @@ def fig8_markdown(runs: dict[str, dict], steps: int, n_default: int, p_default: 
 
 
 def table4_markdown(metrics_dir: Path, profile: str) -> str:
-    """Table 4: the measured cost of pretrained, DeMe ensemble and merged (models, parameters, NFEs per image,
-    images/s on this machine, FID), then the paper's table for the matching dataset with its quoted rows."""
+    """Table 4: the cost of pretrained, DeMe ensemble and merged (models, parameters, NFEs per image, FID; the
+    measured sampling rate is the `images_per_s` metric of each evaluate run in MLflow), then the paper's table for the matching dataset with its quoted rows."""
     rows = []
     for key, label in (("pretrained", "Pretrained"), ("ensemble", "DeMe (Before Merge)"),
                        ("merged", "DeMe (After Merge)")):
@@ -158,13 +158,12 @@ def table4_markdown(metrics_dir: Path, profile: str) -> str:
         rows.append({"Model (ours)": label, "#Models": models,
                      "#Params": f"{per / 1e6:.3f}M" + (f" × {models}" if models > 1 else ""),
                      "Params loaded": f"{per * models / 1e6:.3f}M",
-                     "NFEs / image": m.get("steps", ""), "images/s (measured)": f"{m.get('images_per_s') or np.nan:.1f}",
-                     "FID (ours)": f"{m['fid']:.3f}"})
+                     "NFEs / image": m.get("steps", ""), "FID (ours)": f"{m['fid']:.3f}"})
     out = [pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True) if rows else
            "_No evaluation metrics yet._", ""]
     if rows:
-        out += ["The ensemble calls one model per sampling step (the interval's), so its NFEs and images/s equal a "
-                "single model's; it holds N models' parameters. The merged model is one network of the same size "
+        out += ["The ensemble calls one model per sampling step (the interval's), so its NFEs (and sampling rate: "
+                "`images_per_s` of the evaluate runs in MLflow) equal a single model's; it holds N models' parameters. The merged model is one network of the same size "
                 "(the channel-wise projections add their 1x1 convolutions).", ""]
     datasets = paper_table("table4")["datasets"]
     shown = [PAPER_DATASET.get(profile, "CIFAR10")]  # the tiny profiles stand in for CIFAR10

@@ -112,3 +112,49 @@ def prompt_grid(samples_dir: Path, models: list[tuple[str, str]], prompts: list[
     top.set_xticklabels(["\n".join(textwrap.wrap(p, 18)) for p in prompts], fontsize=7)
     top.xaxis.tick_top()
     return _save(fig, path)
+
+
+def fid_chart(summary: dict, path: Path, key: str = "fid", label: str = "FID") -> Path | None:
+    """Each method's mean with its 95 % interval (error bar) and n; the pretrained model's interval as a band."""
+    rows = [(m, v) for m, v in summary.items() if key in v]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 0.42 * len(rows) + 1.2))
+    for i, (m, v) in enumerate(rows):
+        lo, hi = v.get(f"{key}_lo", v[key]), v.get(f"{key}_hi", v[key])
+        ax.errorbar(v[key], i, xerr=[[v[key] - lo], [hi - v[key]]], fmt="o", capsize=3,
+                    color="C3" if m in ("ensemble", "merged") else "C0")
+    if "pretrained" in summary and f"{key}_lo" in summary["pretrained"]:
+        p = summary["pretrained"]
+        ax.axvspan(p[f"{key}_lo"], p[f"{key}_hi"], color="0.85", zorder=0, label="pretrained, 95 % interval")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_yticks(range(len(rows)), [f"{m} (n={v.get('n', 1)})" for m, v in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel(f"{label} (lower is better), mean and 95 % interval")
+    ax.grid(axis="x", alpha=0.3)
+    return _save(fig, path)
+
+
+def sample_strips(samples_dir: Path, names: list[str], path: Path, rows: int, suffix: str = "") -> Path | None:
+    """One row per model: the first row of its sample grid (``rows`` rows of equal height; the same initial
+    noise for every model), labelled with the model's name."""
+    from PIL import Image
+
+    found = [(n, samples_dir / f"{n}{suffix}.png") for n in names if (samples_dir / f"{n}{suffix}.png").exists()]
+    if not found:
+        return None
+    strips = []
+    for name, f in found:
+        img = np.asarray(Image.open(f).convert("RGB"))
+        strips.append((name, img[: int(np.ceil(img.shape[0] / rows))]))
+    fig, axes = plt.subplots(len(strips), 1, figsize=(8, 1.0 * len(strips) + 0.2), squeeze=False)
+    for ax, (name, strip) in zip(axes[:, 0], strips):
+        ax.imshow(strip)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
+    fig.subplots_adjust(left=0.16, right=0.99, top=0.99, bottom=0.01, hspace=0.08)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,7 +1,6 @@
 """Tables of the report: measured numbers from DVC-tracked metrics JSON, paper numbers beside them."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +28,10 @@ SINGLE_MODEL = SINGLE_MODEL_METHODS
 
 
 def _read(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+    """A metrics file, or None if there is none; a corrupt one is an error naming it."""
+    from deme.io import read_json
+
+    return read_json(path) if path.is_file() else None
 
 
 def measured_profiles(metrics_root: Path, task: str = "image") -> list[str]:
@@ -64,15 +63,6 @@ def iterations_of(metrics_root: Path, profile: str, n: int) -> dict[str, str]:
     out = {"pretrained": "-", "ensemble": deme, "merged": deme, "floor": "-"}
     for key in SINGLE_MODEL:
         out[key] = str((_read(train / f"{key}.json") or {}).get("iterations", ""))
-    return out
-
-
-def wall_times(metrics_root: Path, profile: str, n: int) -> dict[str, float]:
-    """Training wall time per method (seconds per training seed); DeMe = the sum of its N interval runs."""
-    train = metrics_root / profile / "train"
-    out = {k: (_read(train / f"{k}.json") or {}).get("wall_s", np.nan) for k in SINGLE_MODEL}
-    deme = [(_read(train / f"interval-{i}.json") or {}).get("wall_s") for i in range(1, n + 1)]
-    out["ensemble"] = out["merged"] = sum(deme) if n and all(d is not None for d in deme) else np.nan
     return out
 
 
@@ -117,8 +107,6 @@ def table1(metrics_root: Path, n_intervals: dict[str, int]) -> str:
                                            else f"{v - pre:+.3f}") for k, v in col.items()]
         its = iterations_of(metrics_root, prof, n_intervals.get(prof, 0))
         out[f"{prof} iterations"] = [its.get(k, "") for k in fid.index]
-        walls = wall_times(metrics_root, prof, n_intervals.get(prof, 0))
-        out[f"{prof} train wall (s)"] = [_fmt(walls.get(k, np.nan), 0) for k in fid.index]
     for j, name in enumerate(paper["columns"]):
         vals = pd.Series({k: (paper["rows"][pk]["values"][j] if pk else np.nan) for k, _, pk in TABLE1_ROWS})
         out[f"{name} FID (paper)"] = _bold_best(vals, vals.map(lambda v: _fmt(v, 2)))
@@ -135,7 +123,7 @@ def paper_only_rows(table: str = "table1") -> str:
     return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True) if rows else ""
 
 
-# Table 2 (PAPER.md §3.2): the text-to-image rows, in the paper's order, and its metric columns.
+# Table 2 (docs/paper.md §3.2): the text-to-image rows, in the paper's order, and its metric columns.
 TABLE2_ROWS = [
     ("pretrained", "Pretrained (before finetuning)", "pretrained"),
     ("plain", "Plain finetuning (control)", None),

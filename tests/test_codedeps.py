@@ -1,0 +1,67 @@
+"""Code deps complete by construction: every dvc.yaml stage lists exactly its command's import closure."""
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from deme import codedeps
+
+
+@pytest.mark.parametrize("dvc_file", codedeps.DVC_FILES)
+def test_every_stage_lists_exactly_its_import_closure(dvc_file):
+    assert codedeps.sync(dvc_file) == {}, "run `python -m deme.codedeps --write`"
+
+
+def _package(root):
+    for rel, text in {
+        "deme/__init__.py": "",
+        "deme/a.py": "import os\n\ndef f():\n    from deme.sub import b  # function-level\n    return b\n",
+        "deme/sub/__init__.py": "from .c import x\n",
+        "deme/sub/b.py": "from ..d import y\n",
+        "deme/sub/c.py": "x = 1\n",
+        "deme/d.py": "y = 2\n",
+        "deme/unused.py": "",
+        "stages/s.py": "import sys\nfrom deme.a import f\n",
+    }.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+
+
+def test_closure_follows_function_level_relative_and_package_imports(tmp_path):
+    _package(tmp_path)
+    got = codedeps.closure("python stages/s.py", tmp_path)
+    assert got == ["deme/__init__.py", "deme/a.py", "deme/d.py", "deme/sub/__init__.py", "deme/sub/b.py",
+                   "deme/sub/c.py", "stages/s.py"]
+    assert codedeps.code_deps("python stages/s.py", tmp_path) == [
+        "deme/__init__.py", "deme/a.py", "deme/d.py", "deme/sub", "stages/s.py"]
+
+
+def test_sync_reports_and_rewrites_a_missing_module(tmp_path):
+    _package(tmp_path)
+    (tmp_path / "dvc.yaml").write_text(textwrap.dedent("""\
+        stages:
+          s:
+            cmd: python stages/s.py
+            deps:
+              - stages/s.py
+              - deme/unused.py
+              - data/x  # data stays
+            outs:
+              - out
+        """))
+    assert codedeps.sync("dvc.yaml", root=tmp_path) == {
+        "s": (["deme/__init__.py", "deme/a.py", "deme/d.py", "deme/sub", "metrics/params.ok"], ["deme/unused.py"])}
+    codedeps.sync("dvc.yaml", write=True, root=tmp_path)
+    assert codedeps.sync("dvc.yaml", root=tmp_path) == {}
+    text = (tmp_path / "dvc.yaml").read_text()
+    assert "      - data/x  # data stays\n" in text and "      - metrics/params.ok\n" in text
+
+
+def test_digest_changes_with_any_file_of_the_closure_only(tmp_path):
+    _package(tmp_path)
+    before = codedeps.digest("python stages/s.py", tmp_path)
+    (tmp_path / "deme/unused.py").write_text("z = 3\n")
+    assert codedeps.digest("python stages/s.py", tmp_path) == before
+    (tmp_path / "deme/sub/c.py").write_text("x = 2\n")
+    assert codedeps.digest("python stages/s.py", tmp_path) != before
