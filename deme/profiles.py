@@ -70,7 +70,10 @@ _TINY = {
                "grid_size": 64, "precision": "fp32", "save_images": False},
     "fid": {"feature_net": "featnet", "modes": ["clean"], "reference": "ref", "builtin": "", "reference_samples": 0,
             "inception_weights": "", "batch_size": 500, "bootstrap": 200, "kid_subsets": 100, "kid_subset_size": 1000},
-    "runtime": {"device": "auto", "num_threads": 0, "num_processes": 1, "channels_last": False, "compile": False},
+    # One intra-op thread: on CPU the floats of a training step depend on the thread count, so it is a setting
+    # (and a param of every computing stage) for bit-identical results on any machine; one thread is also the
+    # fastest for these small networks on the 2-core reference machine. GPU profiles leave it to torch (0).
+    "runtime": {"device": "auto", "num_threads": 1, "num_processes": 1, "channels_last": False, "compile": False},
     # The analysis figures of the default models (docs/paper.md §4), sized for minutes on a CPU.
     "analysis": {"samples": 64, "batch_size": 128, "gradsim_timesteps": 100, "sketch_dim": 4096,
                  "landscape_grid": 9, "landscape_span": 1.0, "t_draws": 2, "plane_grid": 9, "plane_margin": 0.2,
@@ -168,7 +171,7 @@ def _ddpm(name: str, kind: str, resolution: int, ckpt: str, unet: dict, data_pat
     # 2048-d features: a bootstrap FID costs a 2048 x 2048 matrix square root, so fewer resamples
     q["fid"].update(feature_net="inception", modes=["legacy_pytorch", "clean"], reference="train",
                     reference_samples=50_000, batch_size=250, bootstrap=50)
-    q["runtime"].update(channels_last=True)
+    q["runtime"].update(channels_last=True, num_threads=0)
     # docs/paper.md §4 recipes at scale: 512 images with common noise for Fig. 1a (every t), 25x25 landscapes
     q["analysis"].update(samples=512, batch_size=128, gradsim_timesteps=1000, sketch_dim=65536, landscape_grid=25,
                          t_draws=4, plane_grid=31, floor_intervals=[1, 4], sequence_samples=8)
@@ -299,7 +302,7 @@ def _sd14() -> dict:
                        precision="fp16")
     q["fid"].update(feature_net="inception", modes=["legacy_pytorch", "clean"], reference="ref",
                     reference_samples=0, batch_size=250, bootstrap=50)
-    q["runtime"].update(channels_last=True)
+    q["runtime"].update(channels_last=True, num_threads=0)
     # the VAE entry documents SD's AutoencoderKL (downsampling 8: 512 -> 64x64x4 latents); it is imported, not trained
     q["pipeline"]["vae"].update(block_out_channels=[128, 256, 512, 512], layers_per_block=2, norm_num_groups=32)
     q["pipeline"]["text_encoder"].update(hidden_size=768, layers=12, heads=12, intermediate_size=3072, max_length=77)

@@ -13,6 +13,34 @@ def test_every_stage_lists_exactly_its_import_closure(dvc_file):
     assert codedeps.sync(dvc_file) == {}, "run `python -m deme.codedeps --write`"
 
 
+@pytest.mark.parametrize("dvc_file", codedeps.DVC_FILES)
+def test_every_computing_stage_depends_on_the_thread_count(dvc_file):
+    """On CPU a training step's floats depend on torch's intra-op thread count (runtime.num_threads, set by
+    deme/cli.py for every stage): every stage that computes with torch lists it, so changing it reruns them."""
+    import yaml
+
+    stages = yaml.safe_load((codedeps.ROOT / dvc_file).read_text())["stages"]
+    reads_metrics_only = {"validate", "report", "t2i_report", "sweep_report"}
+    missing = [name for name, body in stages.items() if name not in reads_metrics_only
+               and ("t2i." if name.startswith("t2i_") else "") + "runtime.num_threads"
+               not in (body.get("do") or body).get("params", [])]
+    assert not missing
+
+
+def test_the_thread_count_setting_overrides_the_environment(monkeypatch):
+    import torch
+
+    from deme.train import set_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    try:
+        set_threads(2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def _package(root):
     for rel, text in {
         "deme/__init__.py": "",
