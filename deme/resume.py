@@ -96,7 +96,10 @@ class Shards:
         from deme.codedeps import running
 
         self.root = Path(folder)
-        fingerprint = {"inputs": fingerprint, "code": running()}  # the stage's code closure too
+        import torch
+
+        # the stage's code closure and the thread count (on CPU the floats depend on it) too
+        fingerprint = {"inputs": fingerprint, "code": running(), "threads": torch.get_num_threads()}
         digest = fingerprint_of(fingerprint)
         self.dir = self.root / digest
         if main and self.root.exists():

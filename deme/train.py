@@ -218,7 +218,8 @@ def _evaluate_ema(evaluate: EvalFn, model: nn.Module, ema, step: int) -> dict[st
 def _save_checkpoint(path: Path, step: int, fingerprint: str, model: nn.Module, ema, optimizer,
                      objective=None, scaler=None, history=(), window=None) -> None:
     """Model, EMA, optimiser, fp16 loss scaler, step, the objective's own state and the logged curve so far,
-    with the settings' fingerprint and the digest of the stage's code (deme/codedeps.py). No RNG state is needed: every draw of step s comes from a generator seeded by (seed, s), see the module
+    with the settings' fingerprint, the digest of the stage's code (deme/codedeps.py) and the thread count (on CPU
+    the floats depend on it). No RNG state is needed: every draw of step s comes from a generator seeded by (seed, s), see the module
     docstring."""
     from safetensors.torch import save_file
 
@@ -236,6 +237,7 @@ def _save_checkpoint(path: Path, step: int, fingerprint: str, model: nn.Module, 
         write_json(tmp / "history.json", {"log": [[s, {k: float(v) for k, v in m.items()}] for s, m in history],
                                            "window": window or {}})
         write_json(tmp / "state.json", {"step": step, "fingerprint": fingerprint, "code": running(),
+                                         "threads": torch.get_num_threads(),
                                          "ema_optimization_step": ema.optimization_step,
                                          "objective": extra() if extra else None})
     saved(f"{path} step {step}")
@@ -271,7 +273,9 @@ def _load_checkpoint(path: Path, fingerprint: str, model: nn.Module, ema, optimi
     try:
         state = json.loads(state_file.read_text())
         why = ("other settings or inputs" if state.get("fingerprint") != fingerprint else
-               "other code (a module the stage imports changed)" if state.get("code", "") != running() else None)
+               "other code (a module the stage imports changed)" if state.get("code", "") != running() else
+               f"{state.get('threads')} CPU threads, not {torch.get_num_threads()} (runtime.num_threads)"
+               if state.get("threads") != torch.get_num_threads() else None)
         if why:
             print(f"[resume] {path}: checkpoint was made with {why}; starting over")
             shutil.rmtree(path)

@@ -28,3 +28,28 @@ def test_every_cited_section_of_the_paper_notes_exists():
              for m in re.findall(r"paper\.md\)? ?§ ?(\d+(?:\.\d+)?)", f.read_text(errors="replace"))}
     missing = sorted((str(f), s) for f, s in cited if s not in headings)
     assert cited and not missing, missing[:20]
+
+
+def _list_len(test_file: str, name: str) -> int:
+    import ast
+
+    tree = ast.parse((REPO / "tests" / test_file).read_text())
+    node = next(n.value for n in ast.walk(tree) if isinstance(n, ast.Assign)
+                and any(isinstance(t, ast.Name) and t.id == name for t in n.targets))
+    if isinstance(node, ast.List):
+        return len(node.elts)
+    import importlib.util  # built by code (helper calls): count by importing the module
+    spec = importlib.util.spec_from_file_location(f"_count_{name}", REPO / "tests" / test_file)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return len(getattr(mod, name))
+
+
+def test_reliability_counts_are_the_tests_own():
+    """docs/reliability.md's table of inputs tried states the counts of the tests' case lists."""
+    text = (REPO / "docs" / "reliability.md").read_text()
+    fuzz = _list_len("test_params_fuzz.py", "MAPPING_CASES") + _list_len("test_params_fuzz.py", "FILE_CASES")
+    for count, words in [(fuzz, "malformed params mappings and files"),
+                         (_list_len("test_params_fuzz.py", "CLI_CASES"), "bad params given to the stage CLIs"),
+                         (_list_len("test_pipeline.py", "BAD_SET_PARAMS"), "bad `dvc exp run -S` values")]:
+        assert f"| {count} {words}" in text, (count, words)

@@ -283,10 +283,11 @@ def test_truncated_model_file_is_one_clear_line(tmp_path):
 # ---------------------------------------------------------------------------------------------- what a resume covers
 
 
-@pytest.mark.parametrize("change", ["settings", "code"])
+@pytest.mark.parametrize("change", ["settings", "code", "threads"])
 def test_a_training_checkpoint_resumes_only_with_the_same_settings_and_code(tmp_path, monkeypatch, capsys, change):
-    """The checkpoint records the settings' fingerprint and the digest of the stage's code closure
-    (deme/codedeps.py); either one changed: the stage starts over and says why; neither: it resumes."""
+    """The checkpoint records the settings' fingerprint, the digest of the stage's code closure
+    (deme/codedeps.py) and the thread count; any one changed: the stage starts over and says why; none: it
+    resumes."""
     from diffusers.training_utils import EMAModel
 
     from deme.train import _load_checkpoint, _save_checkpoint
@@ -298,8 +299,15 @@ def test_a_training_checkpoint_resumes_only_with_the_same_settings_and_code(tmp_
     assert _load_checkpoint(tmp_path / "ck", "fp", *parts()) == 3
     if change == "code":
         monkeypatch.setattr("deme.codedeps.running", lambda: "code-b")
-    assert _load_checkpoint(tmp_path / "ck", "fp" if change == "code" else "fp2", *parts()) == 0
-    assert ("other code" if change == "code" else "other settings") in capsys.readouterr().out
+    threads = torch.get_num_threads()
+    if change == "threads":
+        torch.set_num_threads(threads + 1)
+    try:
+        assert _load_checkpoint(tmp_path / "ck", "fp2" if change == "settings" else "fp", *parts()) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert {"settings": "other settings", "code": "other code", "threads": "runtime.num_threads"}[change] in \
+        capsys.readouterr().out
     assert not (tmp_path / "ck").exists()
 
 
@@ -309,6 +317,17 @@ def test_shards_of_other_code_are_not_reused(tmp_path, monkeypatch):
     assert Shards(tmp_path / "r", {"a": 1}).get("k") is not None
     monkeypatch.setattr("deme.codedeps.running", lambda: "code-b")
     assert Shards(tmp_path / "r", {"a": 1}).get("k") is None
+
+
+def test_shards_of_another_thread_count_are_not_reused(tmp_path):
+    Shards(tmp_path / "r", {"a": 1}).put("k", {"x": np.arange(3)})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        assert Shards(tmp_path / "r", {"a": 1}).get("k") is None
+    finally:
+        torch.set_num_threads(threads)
+    assert Shards(tmp_path / "r", {"a": 1}).get("k") is None  # the other count's pieces replaced these
 
 
 def test_the_running_stage_code_digest_is_its_import_closure(monkeypatch):
