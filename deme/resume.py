@@ -81,6 +81,28 @@ def content_id(path: str | Path, limit: int = 1 << 30) -> list | str:
     return h.hexdigest()
 
 
+def array_id(images) -> list | str:
+    """Identity of a dataset array for a fingerprint: content_id of the file a memmap reads (load_images),
+    else the sha256 of the array's bytes."""
+    filename = getattr(images, "filename", None)
+    if filename:
+        return content_id(filename)
+    return hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()
+
+
+def stats_id(refs: Mapping | None) -> str | None:
+    """sha256 of FID reference statistics ({mode: Stats}): what a proxy FID was scored against."""
+    if refs is None:
+        return None
+    h = hashlib.sha256()
+    for mode in sorted(refs):
+        st = refs[mode]
+        h.update(f"{mode}:{st.count}".encode())
+        for a in (st.mu, st.sigma):
+            h.update(np.ascontiguousarray(a, np.float64).tobytes())
+    return h.hexdigest()
+
+
 def fingerprint_of(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -175,7 +197,11 @@ class ScoreLog:
     scores depend on, so a killed search resumes without rescoring and a changed setting starts afresh."""
 
     def __init__(self, path: str | Path, key: str):
-        self.path, self.key = Path(path), key
+        from deme.codedeps import running
+
+        # the stage's code closure and the thread count as well, as for Shards
+        self.path = Path(path)
+        self.key = json.dumps({"inputs": key, "code": running(), "threads": torch.get_num_threads()}, sort_keys=True)
 
     def _rows(self) -> list[dict]:
         if not self.path.exists():

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+import torch
 from torch import nn
 
 from deme.config import Config, VariantConfig
@@ -58,8 +59,10 @@ def train_interval(cfg: Config, i: int, images, device, ckpt_dir: Path, *, seed_
     The seed is the finetune stage's, ``derive_seed(seed, 'finetune', 'interval-i')``, extended by
     ``seed_tag`` for an independent replicate (Fig. 7's noise floor). Resumable: training checkpoints and
     the finished model live in ``ckpt_dir`` (the caller clears it once its outputs are written)."""
+    from deme.codedeps import running
     from deme.io import derive_seed
     from deme.models import frozen_teacher, load_pretrained
+    from deme.resume import array_id, state_digest
     from deme.projection import add_channel_projection
     from deme.train import train
 
@@ -68,11 +71,14 @@ def train_interval(cfg: Config, i: int, images, device, ckpt_dir: Path, *, seed_
     d = cfg.deme
     name = f"interval-{i}"
     seed = derive_seed(cfg.seed, "finetune", name, *seed_tag)
-    fingerprint = json.dumps([dataclasses.asdict(cfg.finetune), dataclasses.asdict(d), name, list(seed_tag), seed])
+    model = load_pretrained(cfg)
+    # everything the finished model depends on: settings, pretrained weights, schedule, data, code, thread count
+    fingerprint = json.dumps([dataclasses.asdict(cfg.finetune), dataclasses.asdict(d), name, list(seed_tag), seed,
+                              state_digest(model), dataclasses.asdict(cfg.schedule), array_id(images), running(),
+                              torch.get_num_threads()])
     done = Path(ckpt_dir) / "done"  # the finished model: a rerun after a kill does not train it again
     if (done / "deme.json").exists() and model_meta(done).get("fingerprint") == fingerprint:
         return load_model(done)
-    model = load_pretrained(cfg)
     if d.channel_projection:
         add_channel_projection(model)
     if teacher is None and d.consistency_loss and d.consistency_weight > 0:

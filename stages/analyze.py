@@ -89,10 +89,13 @@ def merge_weights(paths):
 def shards(ctx, what, *models, **more):
     """The resume state of one analysis: finished pieces, valid for these models' weights and settings."""
     from deme.paths import Paths
-    from deme.resume import Shards, state_digest
+    from deme.resume import Shards, content_id, state_digest
 
-    fingerprint = {"analysis": ctx.cfg.to_dict()["analysis"], "seed": ctx.cfg.seed,
-                   "models": [state_digest(m) for m in models], **more}
+    settings = ctx.cfg.to_dict()
+    fingerprint = {"analysis": settings["analysis"], "seed": ctx.cfg.seed, "schedule": settings["schedule"],
+                   "sample": settings["sample"], "finetune": settings["finetune"], "deme": settings["deme"],
+                   "data": content_id(Paths(ctx.cfg.profile).train), "models": [state_digest(m) for m in models],
+                   **more}
     return Shards(Paths(ctx.cfg.profile).ckpt(f"analysis-{what}"), fingerprint, main=ctx.is_main)
 
 

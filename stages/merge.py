@@ -54,7 +54,7 @@ def search_seed(ctx, s, base, spaces, refs):
     from deme.merge import Scorer, merged_model, search, task_vector
     from deme.models import load_model, model_meta
     from deme.paths import Paths
-    from deme.resume import ScoreLog, state_digest
+    from deme.resume import ScoreLog, content_id, state_digest, stats_id
 
     cfg, paths = ctx.cfg, Paths(ctx.cfg.profile)
     d, m = cfg.deme, cfg.merge
@@ -70,9 +70,12 @@ def search_seed(ctx, s, base, spaces, refs):
     del models
     seeds = sample_seeds("search", m.proxy_samples, cfg.seed)
     # resumable log of scored candidates, valid only for the same models and search settings
+    # what every score depends on: settings, base weights, task vectors, references (t2i: the COCO statistics)
+    reference = stats_id(refs) if refs is not None else content_id(paths.bench_stats("coco", next(iter(spaces))))
     log = ScoreLog(paths.ckpt("merge") / f"scores-seed{s}.jsonl",
                    json.dumps([cfg.to_dict()["merge"], cfg.to_dict()["sample"], cfg.to_dict()["pipeline"],
-                               [state_digest(v) for v in vectors], cfg.seed]))
+                               cfg.to_dict()["schedule"], state_digest(base_state), [state_digest(v) for v in vectors],
+                               reference, cfg.seed]))
     cache = log.load()
     if cache:
         ctx.note(f"[resume] seed {s}: {len(cache)} scored candidates reused from {log.path}")

@@ -56,7 +56,7 @@ def body(ctx):
     from deme.sample import Ensemble
     from deme.train import clear_checkpoint
     from deme.merge import search
-    from deme.resume import ScoreLog
+    from deme.resume import ScoreLog, state_digest, stats_id
     from deme.sweep import fid_at_steps, run_steps, train_interval, variant_config
 
     cfg, paths = ctx.cfg, Paths(ctx.cfg.profile)
@@ -114,7 +114,8 @@ def body(ctx):
         search_seeds = sample_seeds("search", m.proxy_samples, cfg.seed)
         log = ScoreLog(paths.ckpt(f"sweep-{name}") / "scores.jsonl",
                        json.dumps([vcfg.to_dict()["deme"], vcfg.to_dict()["finetune"], cfg.to_dict()["sweep"]["merge"],
-                                   cfg.to_dict()["sample"], cfg.seed]))
+                                   cfg.to_dict()["sample"], cfg.to_dict()["schedule"], state_digest(base),
+                                   [state_digest(v) for v in vectors], stats_id(refs), cfg.seed]))
         cache = log.load()
         if cache:
             ctx.note(f"[resume] {len(cache)} scored candidates reused")

@@ -342,3 +342,29 @@ def test_the_running_stage_code_digest_is_its_import_closure(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["pytest"])
     assert codedeps.running() == ""
     codedeps.running.cache_clear()
+
+
+def test_scores_of_other_code_or_another_thread_count_are_not_reused(tmp_path, monkeypatch):
+    monkeypatch.setattr("deme.codedeps.running", lambda: "code-a")
+    log = ScoreLog(tmp_path / "scores.jsonl", "key")
+    log.start()
+    log.append((0.5,), 3.0)
+    assert ScoreLog(log.path, "key").load() == {(0.5,): 3.0}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        assert ScoreLog(log.path, "key").load() == {}
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setattr("deme.codedeps.running", lambda: "code-b")
+    assert ScoreLog(log.path, "key").load() == {}
+
+
+def test_stats_id_sees_every_reference_number():
+    from deme.metrics.fid import Stats
+    from deme.resume import stats_id
+
+    a = {"clean": Stats(np.zeros(3), np.eye(3), 10)}
+    b = {"clean": Stats(np.zeros(3), np.eye(3) * (1 + 1e-12), 10)}
+    assert stats_id(a) == stats_id({"clean": Stats(np.zeros(3), np.eye(3), 10)}) != stats_id(b)
+    assert stats_id(None) is None

@@ -192,3 +192,41 @@ def test_claims_table_verdicts(tmp_path, monkeypatch):
     assert rows["Adjacent timesteps' gradients agree, distant ones conflict"]["verdict"] == "does not hold"
     none = {r["claim"].split(" (")[0]: r for r in evaluate_claims(cfg, paths, runs={})}
     assert none["Every technique"]["verdict"] == "not resolved at this budget"
+
+
+@pytest.mark.parametrize("change", ["nothing", "pretrained", "data", "schedule", "threads"])
+def test_a_finished_interval_model_is_reused_only_with_the_same_inputs(tmp_path, monkeypatch, change):
+    """The sweep's and the analysis's extra interval models keep their finished weights in .ckpt/ across a
+    kill; they are reused only when the settings, the pretrained weights, the schedule, the data, the code
+    and the thread count are those they were trained with."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from deme import sweep
+    from tests.conftest import make_tiny_unet, randomize_
+
+    cfg = config_from_mapping(preset("micro"))
+    cfg = dataclasses.replace(cfg, deme=dataclasses.replace(cfg.deme, channel_projection=False,
+                                                            consistency_loss=False))
+    pretrained = {"seed": 0}
+    monkeypatch.setattr("deme.models.load_pretrained", lambda c: randomize_(make_tiny_unet(), pretrained["seed"]))
+    trained = []
+    monkeypatch.setattr("deme.train.train", lambda model, *a, **k: trained.append(1) or model)
+    images = np.zeros((4, 8, 8, 3), np.uint8)
+    sweep.train_interval(cfg, 1, images, "cpu", tmp_path / "ck")
+    threads = torch.get_num_threads()
+    if change == "pretrained":
+        pretrained["seed"] = 1
+    elif change == "data":
+        images = images + 1
+    elif change == "schedule":
+        cfg = dataclasses.replace(cfg, schedule=dataclasses.replace(cfg.schedule, beta_end=0.03))
+    elif change == "threads":
+        torch.set_num_threads(threads + 1)
+    try:
+        sweep.train_interval(cfg, 1, images, "cpu", tmp_path / "ck")
+    finally:
+        torch.set_num_threads(threads)
+    assert len(trained) == (1 if change == "nothing" else 2)
