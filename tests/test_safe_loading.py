@@ -367,3 +367,18 @@ def test_malicious_clip_weights_are_refused(tmp_path, marker):
     with pytest.raises(ValueError, match=f"{p}: not loadable as open_clip"):
         load_clip(cfg, "cpu")
     assert not _ran(marker)
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    """Atomic writes go through mkstemp/mkdtemp (0600/0700); the renamed output has the umask's mode."""
+    import os
+    import stat
+
+    from deme.io import _UMASK, atomic_dir, atomic_write_text
+
+    atomic_write_text(tmp_path / "a.json", "{}")
+    with atomic_dir(tmp_path / "model") as tmp:
+        (tmp / "w.bin").write_bytes(b"x")
+    assert stat.S_IMODE(os.stat(tmp_path / "a.json").st_mode) == 0o666 & ~_UMASK
+    assert stat.S_IMODE(os.stat(tmp_path / "model").st_mode) == 0o777 & ~_UMASK
+    assert _UMASK == os.umask(_UMASK)  # read without changing it
