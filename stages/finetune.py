@@ -79,11 +79,12 @@ def body(ctx):
     from deme.data import load_images
     from deme.io import derive_seed, write_json
     from deme.models import count_parameters, frozen_teacher, load_pretrained, save_model
-    from deme.objectives import EpsObjective, method_seeds
+    from deme.objectives import method_seeds
     from deme.paths import Paths
     from deme.projection import add_channel_projection
     from deme.resume import content_id, state_digest
-    from deme.schedule import alphas_cumprod, interval_bounds
+    from deme.schedule import interval_bounds
+    from deme.sweep import interval_objective
     from deme.tracking import CurveLog
     from deme.train import clear_checkpoint, train
 
@@ -128,9 +129,7 @@ def body(ctx):
             if d.channel_projection:
                 add_channel_projection(model)
             teacher = frozen_teacher(cfg) if d.consistency_loss and d.consistency_weight > 0 else None
-            objective = EpsObjective(alphas_cumprod(cfg.schedule).float(), lo, hi,
-                                     p=d.p if d.probabilistic_sampling else 0.0, granularity=d.ps_granularity,
-                                     antithetic=d.antithetic, teacher=teacher, consistency_weight=d.consistency_weight)
+            objective = interval_objective(cfg, i, teacher)  # the sweep's and the analysis's objective too
         # interval models: seed 0 keeps the one-seed derivation, which the sweep's runs share (deme/sweep.py)
         seed = derive_seed(cfg.seed, "finetune", name, *([] if not args.method and s == 0 else [s]))
         label = f"{name}-seed{s}"
