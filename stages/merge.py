@@ -135,8 +135,8 @@ def body(ctx):
         for s, (merged, best, best_fid, _, scored, _) in enumerate(results):
             save_model(merged, tmp / f"seed-{s}", cfg, method="deme-merged", weights=list(best), proxy_fid=best_fid,
                        seed_index=s)
-            rows += [{"seed": s, "candidate": k + 1, **{f"w{i + 1}": w[i] for i in range(d.n)}, "proxy_fid": f,
-                      "phase": ph} for k, (w, f, ph) in enumerate(scored)]
+            rows += [{"seed": s, "candidate": len(rows) + k + 1, **{f"w{i + 1}": w[i] for i in range(d.n)},
+                      "proxy_fid": f, "phase": ph} for k, (w, f, ph) in enumerate(scored)]
     atomic_write_text(paths.curve("merge_search"), pd.DataFrame(rows).to_csv(index=False))
     weights = [list(r[1]) for r in results]
     write_json(paths.metrics("merge"), {

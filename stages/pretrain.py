@@ -61,6 +61,7 @@ def import_pipeline(ctx):
     write_json(paths.metrics("train", "pretrain"), {"source": source, "parameters": n, "iterations": 0,
                                                     "scaling_factor": comps.scaling_factor})
     atomic_write_text(paths.curve("pretrain"), "step,loss\n")
+    atomic_write_text(paths.curve("vae"), "step,vae_mse,vae_kl\n")  # nor a VAE curve
     ctx.note(f"imported {source}: UNet2DConditionModel with {n:,} parameters ({n / 1e6:.1f}M)")
     ctx.run.log_metrics({"parameters": n})
     ctx.wrote(paths.pretrained)
@@ -97,9 +98,9 @@ def pretrain_t2i(ctx):
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = build_tokenizer(cfg.pipeline.text_encoder.max_length, tmp)
     text_encoder = build_text_encoder(cfg, derive_seed(seed, "text_encoder"))
-    curve = CurveLog(ctx.run)
+    curve, vae_curve = CurveLog(ctx.run), CurveLog(ctx.run)  # one file per training run: each starts at step 1
     t0 = time.perf_counter()
-    vae, vae_stats = train_vae(cfg, images, seed, ctx.device, log=curve)
+    vae, vae_stats = train_vae(cfg, images, seed, ctx.device, log=vae_curve)
     comps = Components(tokenizer, text_encoder, vae, sd_scheduler_config(cfg)).to(ctx.device)
     ctx.note(f"VAE: reconstruction PSNR {vae_stats['vae_psnr_db']:.1f} dB, latent scaling factor "
              f"{vae_stats['scaling_factor']:.4f}")
@@ -121,12 +122,13 @@ def pretrain_t2i(ctx):
     save_pipeline(paths.pretrained, unet.cpu(), comps.to("cpu"), cfg, method="pretrain", seed=seed,
                   steps=cfg.pretrain.iterations)
     curve.save(paths.curve("pretrain"))
+    vae_curve.save(paths.curve("vae"))
     last = next(r["loss"] for r in reversed(curve.rows) if "loss" in r)
     write_json(paths.metrics("train", "pretrain"), {"loss": last, "iterations": cfg.pretrain.iterations,
                                                     "parameters": count_parameters(unet), **vae_stats})
     ctx.run.log_metrics({"wall_s": wall})
     clear_checkpoint(ckpt)
-    for p in (paths.pretrained, paths.curve("pretrain"), paths.metrics("train", "pretrain")):
+    for p in (paths.pretrained, paths.curve("pretrain"), paths.curve("vae"), paths.metrics("train", "pretrain")):
         ctx.wrote(p)
 
 

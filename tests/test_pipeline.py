@@ -204,6 +204,20 @@ def test_text_to_image_pipeline_writes_table2(t2i_repo):
     assert "Running stage" not in again.stdout
 
 
+def test_every_plot_file_is_one_line_per_run_without_blank_cells(micro_repo, t2i_repo):
+    """DVC plots draw x against y per file: x must increase down the file (no restarts, e.g. a second training
+    run appended to the first) and no cell may be blank."""
+    import pandas as pd
+
+    files = [f for work, _, _ in (micro_repo, t2i_repo) for f in sorted((work / "plots").glob("*/*.csv"))]
+    assert len(files) >= 10
+    for f in files:
+        df = pd.read_csv(f)
+        x = "candidate" if f.stem == "merge_search" else "step"
+        assert df[x].is_monotonic_increasing and df[x].is_unique, f
+        assert not df.isna().any().any(), (f, [c for c in df if df[c].isna().any()])
+
+
 def test_one_mlflow_run_per_stage_with_tags(micro_repo):
     work, _, _ = micro_repo
     runs = _runs(work)
