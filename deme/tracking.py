@@ -249,6 +249,8 @@ def stage_run(stage: str, profile: str, *, item: str | None = None, params: dict
                                        name, who)
             if killed:
                 all_tags["deme.resumed_from"] = ",".join(killed)
+            if system_metrics:  # MLflow logs a sample only after a full interval (default 10 s): short stages too
+                mlflow.set_system_metrics_sampling_interval(1)
             active = mlflow.start_run(run_name=name, tags={k: str(v) for k, v in all_tags.items()},
                                       log_system_metrics=system_metrics)
     except Exception as e:  # noqa: BLE001 (a store that the checks above could not foresee)

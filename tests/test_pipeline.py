@@ -243,7 +243,8 @@ def test_one_mlflow_run_per_stage_with_tags(micro_repo):
     assert ev.data.params["deme.p"] == ft.data.params["deme.p"] and ev.data.params["method"] == "merged"
     assert len({r.data.tags["deme.group"] for r in runs}) == 1
     assert [d.dataset.name for d in ft.inputs.dataset_inputs] == ["micro/train"]
-    assert any(k.startswith("system/") for k in ft.data.metrics)
+    trained = [r for r in runs if r.info.run_name.startswith("finetune@")]
+    assert any(k.startswith("system/") for r in trained for k in r.data.metrics)  # sampled every second
 
 
 def test_second_repro_does_nothing(micro_repo):

@@ -137,3 +137,16 @@ def test_runs_carry_settings_group_images_and_dataset_for_compare(tmp_path, monk
     assert client.get_experiment_by_name("micro").tags["mlflow.experimentKind"] == "custom_model_development"
     assert [d.dataset.name for d in r.inputs.dataset_inputs] == ["micro/train"]
     assert any("samples" in a.path for a in client.list_artifacts(run.id, "images"))
+
+
+def test_a_training_run_of_a_few_seconds_has_system_metrics(tmp_path, monkeypatch):
+    """MLflow publishes system metrics once per sampling interval (10 s by default, longer than a short
+    stage); stage_run samples every second."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with stage_run("finetune", "micro", item="plain", system_metrics=True) as run:
+        time.sleep(3)
+    metrics = mlflow.MlflowClient(tracking_uri=uri).get_run(run.id).data.metrics
+    assert any(k.startswith("system/") for k in metrics), sorted(metrics)
