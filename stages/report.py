@@ -329,8 +329,8 @@ def analysis_sections(cfg, tmp):
 
     paths = Paths(cfg.profile)
     lines = ["## Table 4: cost of DeMe against mixture-of-experts methods", "",
-             f"Measured by the evaluate stage on the machine that ran it ({cfg.sample.sampler.upper()}-{cfg.sample.steps}, "
-             f"batch {cfg.sample.batch_size}, sampling and feature extraction included; the dev machine: 2 CPU cores).", "",
+             f"Counted from the evaluated models ({cfg.sample.sampler.upper()}-{cfg.sample.steps}). Sampling speed is a "
+             "clock reading, not a result: each evaluate run's `images_per_s` metric in MLflow.", "",
              table4_markdown(Path("metrics"), cfg.profile), "",
              "## Analysis figures (docs/paper.md §4)", "",
              "Each is drawn from the npz in analysis/<profile>/ (a DVC output); PDFs beside the PNGs in "
