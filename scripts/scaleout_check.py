@@ -31,7 +31,7 @@ outputs in the DVC cache), this script, on localhost only and with ports picked 
 By default it works on a copy of the repository (under --tmp), so the original is left as it was; pass
 --in-place to use the repository itself (it then gets a commit, experiments, a remote and a git remote).
 
-Example (micro profile, whose `baselines.p2.gamma` reruns finetune_baseline@p2, evaluate@p2 and report):
+Example (micro profile, whose `baselines.p2.gamma` reruns validate, finetune_baseline@p2, evaluate@p2 and report):
 
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python scripts/scaleout_check.py /path/to/reproduced/repo
 """
@@ -581,8 +581,9 @@ def main(argv=None) -> int:
     ap.add_argument("--target", default="report", help="dvc repro / exp run target (default: report)")
     ap.add_argument("--param", default="baselines.p2.gamma", help="parameter each experiment sets with -S")
     ap.add_argument("--values", default="0.5,1.5,2.0,3.0", help="comma-separated values, one experiment each")
-    ap.add_argument("--expect-stages", default="finetune_baseline@p2,evaluate@p2,report",
-                    help="the stages each experiment must rerun (one MLflow run each)")
+    ap.add_argument("--expect-stages", default="validate,finetune_baseline@p2,evaluate@p2,report",
+                    help="the stages each experiment must rerun (validate: params.yaml changed; it logs no "
+                         "MLflow run, the others one each)")
     ap.add_argument("--expect-runs", default="finetune@p2,evaluate@p2,report",
                     help="the MLflow run names each experiment must log, one per rerun stage (the suite names a "
                          "run <script>@<item>: finetune_baseline@p2 logs finetune@p2)")

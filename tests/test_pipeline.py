@@ -346,7 +346,7 @@ BAD_SET_PARAMS = ["deme.p=1.5", "finetune.iterations=-5", "sample.steps=abc", "d
 
 
 def _snapshot(work: Path) -> dict[Path, bytes]:
-    skip = {".git", "mlflow.db", "__pycache__", "tmp"}
+    skip = {".git", "mlflow.db", "mlruns", "__pycache__", "tmp"}  # MLflow's store is the notebook, not an output
     return {f: f.read_bytes() for f in sorted(work.rglob("*"))
             if f.is_file() and not skip & set(f.relative_to(work).parts)}
 
