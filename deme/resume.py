@@ -103,6 +103,14 @@ def stats_id(refs: Mapping | None) -> str | None:
     return h.hexdigest()
 
 
+def run_context() -> dict[str, Any]:
+    """What every resume record also depends on: the running stage's code closure (deme/codedeps.py) and the
+    torch thread count (on CPU the floats depend on it)."""
+    from deme.codedeps import running
+
+    return {"code": running(), "threads": torch.get_num_threads()}
+
+
 def fingerprint_of(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -115,13 +123,8 @@ class Shards:
     for the next :meth:`get` (off for pieces too large to hold all at once, e.g. latents)."""
 
     def __init__(self, folder: str | Path, fingerprint: Any, *, main: bool = True, memo: bool = True):
-        from deme.codedeps import running
-
         self.root = Path(folder)
-        import torch
-
-        # the stage's code closure and the thread count (on CPU the floats depend on it) too
-        fingerprint = {"inputs": fingerprint, "code": running(), "threads": torch.get_num_threads()}
+        fingerprint = {"inputs": fingerprint, **run_context()}
         digest = fingerprint_of(fingerprint)
         self.dir = self.root / digest
         if main and self.root.exists():
@@ -197,11 +200,8 @@ class ScoreLog:
     scores depend on, so a killed search resumes without rescoring and a changed setting starts afresh."""
 
     def __init__(self, path: str | Path, key: str):
-        from deme.codedeps import running
-
-        # the stage's code closure and the thread count as well, as for Shards
         self.path = Path(path)
-        self.key = json.dumps({"inputs": key, "code": running(), "threads": torch.get_num_threads()}, sort_keys=True)
+        self.key = json.dumps({"inputs": key, **run_context()}, sort_keys=True)
 
     def _rows(self) -> list[dict]:
         if not self.path.exists():

@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-import torch
 from torch import nn
 
 from deme.config import Config, VariantConfig
@@ -59,10 +58,9 @@ def train_interval(cfg: Config, i: int, images, device, ckpt_dir: Path, *, seed_
     The seed is the finetune stage's, ``derive_seed(seed, 'finetune', 'interval-i')``, extended by
     ``seed_tag`` for an independent replicate (Fig. 7's noise floor). Resumable: training checkpoints and
     the finished model live in ``ckpt_dir`` (the caller clears it once its outputs are written)."""
-    from deme.codedeps import running
     from deme.io import derive_seed
     from deme.models import frozen_teacher, load_pretrained
-    from deme.resume import array_id, state_digest
+    from deme.resume import array_id, run_context, state_digest
     from deme.projection import add_channel_projection
     from deme.train import train
 
@@ -74,8 +72,7 @@ def train_interval(cfg: Config, i: int, images, device, ckpt_dir: Path, *, seed_
     model = load_pretrained(cfg)
     # everything the finished model depends on: settings, pretrained weights, schedule, data, code, thread count
     fingerprint = json.dumps([dataclasses.asdict(cfg.finetune), dataclasses.asdict(d), name, list(seed_tag), seed,
-                              state_digest(model), dataclasses.asdict(cfg.schedule), array_id(images), running(),
-                              torch.get_num_threads()])
+                              state_digest(model), dataclasses.asdict(cfg.schedule), array_id(images), run_context()])
     done = Path(ckpt_dir) / "done"  # the finished model: a rerun after a kill does not train it again
     if (done / "deme.json").exists() and model_meta(done).get("fingerprint") == fingerprint:
         return load_model(done)
