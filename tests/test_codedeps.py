@@ -27,6 +27,23 @@ def test_every_computing_stage_depends_on_the_thread_count(dvc_file):
     assert not missing
 
 
+@pytest.mark.parametrize("dvc_file", codedeps.DVC_FILES)
+def test_every_stage_with_cached_outputs_can_be_run_cached(dvc_file):
+    """DVC 3 saves no run-cache entry for a stage with a `cache: false` out that is neither a metric nor a plot
+    (dvc/stage/__init__.py, Stage.run), so `dvc exp run -S` of a setting run before would retrain it. A stage
+    that writes any DVC-cached output keeps all of them cached (metrics and plots aside); only stages whose
+    outputs are all git-tracked results (validate, the reports, the sweeps' pretrained row) opt out."""
+    import yaml
+
+    stages = yaml.safe_load((codedeps.ROOT / dvc_file).read_text())["stages"]
+    uncached = {}
+    for name, body in stages.items():
+        outs = [(o, {}) if isinstance(o, str) else next(iter(o.items())) for o in (body.get("do") or body)["outs"]]
+        if any(opts.get("cache", True) for _, opts in outs):
+            uncached.update({f"{name}: {path}": opts for path, opts in outs if not opts.get("cache", True)})
+    assert not uncached, "drop `cache: false` (or declare it under metrics:/plots:)"
+
+
 def test_the_thread_count_setting_overrides_the_environment(monkeypatch):
     import torch
 
