@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from deme.config import Config, ConfigError, load_config
-from deme.validation import check_machine
+from deme.memory import check_counts
 
 
 TRAINING_STAGES = ("pretrain", "finetune", "sweep", "clip")  # MLflow system metrics and the data set as input
@@ -86,7 +86,7 @@ def run_stage(name: str, doc: str | None, body: Callable[[StageContext], None], 
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.params, "t2i" if args.t2i else None)
-        check_machine(cfg)
+        check_counts(cfg)
     except ConfigError as e:  # file-level errors (missing, not YAML) already start with the file's name
         where = "" if not e.key and str(e).startswith(f"{Path(args.params)}:") else f"{args.params}: "
         print(f"error: {where}{e}", file=sys.stderr)

@@ -14,39 +14,146 @@ workspace as it was.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
+from deme import memory
 from deme.codedeps import MARKER
-from deme.config import ConfigError, config_from_mapping, read_params
+from deme.config import Config, ConfigError, config_from_mapping, read_params
+
 MARKER_TEXT = "params.yaml passed validation (deme/validation.py); this file never changes\n"
 REJECTED = Path(".dvc/tmp/params.rejected.yaml")
 
 
-def memory_bytes() -> int:
-    """This machine's physical memory."""
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def check_machine(cfg) -> None:
-    """Values that size memory, against this machine: the generated data set lives in memory while made."""
-    d, key = cfg.data, "data.num_train" if cfg.task == "image" else "t2i.data.num_train"
-    if d.kind == "shapes":
-        need = (d.num_train + d.num_ref) * d.resolution ** 2 * 3
-        if need > memory_bytes() // 2:
-            raise ConfigError(key, f"{d.num_train} + {d.num_ref} generated images of {d.resolution}x{d.resolution} "
-                                   f"need {need / 2**30:.1f} GiB of memory; this machine has "
-                                   f"{memory_bytes() / 2**30:.1f} GiB (at most half of it may go to the data)")
-
-
 def check(path: str | Path = "params.yaml") -> None:
-    """Validate both pipelines' sections of ``path`` exactly as the stages load them, and what sizes memory
-    against this machine; ConfigError if not."""
+    """Validate both pipelines' sections of ``path`` exactly as the stages load them, and every value that
+    sizes memory against this machine (deme/memory.py); ConfigError if not."""
     raw = read_params(path)
-    check_machine(config_from_mapping(raw))
+    check_memory(config_from_mapping(raw))
     if "t2i" in raw:
-        check_machine(config_from_mapping(raw, "t2i"))
+        check_memory(config_from_mapping(raw, "t2i"))
+
+
+# ---------------------------------------------------------------------------------------------- memory
+# The batches through the UNet, measured (deme/memory.py has the budget and the arithmetic bounds).
+
+
+def _unet_and_inputs(cfg: Config, batch: int) -> tuple[Callable, Callable]:
+    """Builders of the profile's UNet and of one batch of its inputs (to be called under FakeTensorMode)."""
+    import torch
+
+    if cfg.task == "t2i":
+        from deme.text2image import build_cond_unet
+
+        size = cfg.data.resolution // cfg.pipeline.vae.factor
+        ch, ctx = cfg.pipeline.vae.latent_channels, cfg.pipeline.unet.cross_attention_dim
+        return (lambda: build_cond_unet(cfg, size),
+                lambda b: (torch.randn(b, ch, size, size), torch.randint(0, 1000, (b,)),
+                           {"encoder_hidden_states": torch.randn(b, cfg.pipeline.text_encoder.max_length, ctx)}))
+    from deme.models import build_unet
+
+    r = cfg.data.resolution
+    return lambda: build_unet(cfg), lambda b: (torch.randn(b, 3, r, r), torch.randint(0, 1000, (b,)), {})
+
+
+def _fake_peak(cfg: Config, batch: int, train: bool) -> tuple[int, int]:
+    """(peak bytes of one forward (+ backward) of ``batch`` through the UNet, its parameter bytes), measured
+    on fake tensors."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    build, inputs = _unet_and_inputs(cfg, batch)
+    with FakeTensorMode():
+        unet = build()
+        params = sum(p.numel() * p.element_size() for p in unet.parameters())
+        x, t, kw = inputs(batch)
+        tracker = MemTracker()
+        tracker.track_external(unet)
+        with tracker:
+            if train:
+                unet(x, t, **kw).sample.square().mean().backward()
+            else:
+                with torch.no_grad():
+                    unet(x, t, **kw)
+        peak = sum(v["Total"] for v in tracker.get_tracker_snapshot("peak").values())
+    return int(peak), int(params)
+
+
+def peaks_file() -> Path:
+    return Path(os.environ.get("DEME_CACHE") or Path.home() / ".cache" / "deme-suite") / "unet-peaks.json"
+
+
+def unet_peak(cfg: Config, batch: int, train: bool) -> tuple[int, int]:
+    """:func:`_fake_peak`, measured once per architecture, batch, mode and torch version on this machine (a few
+    seconds each; kept in ``$DEME_CACHE/unet-peaks.json``, default ~/.cache/deme-suite)."""
+    import torch
+
+    key = repr((torch.__version__, cfg.task, cfg.data.resolution, cfg.model.unet, cfg.pipeline, batch, train))
+    key = hashlib.sha256(key.encode()).hexdigest()[:24]
+    peaks = peaks_file()
+    try:
+        known = json.loads(peaks.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known.get(key), list):
+        known[key] = list(_fake_peak(cfg, batch, train))
+        try:
+            peaks.parent.mkdir(parents=True, exist_ok=True)
+            tmp = peaks.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known))
+            tmp.replace(peaks)
+        except OSError:
+            pass  # a read-only home: measure again next time
+    return int(known[key][0]), int(known[key][1])
+
+
+def training_bytes(cfg: Config, batch: int) -> int:
+    """One training step: forward + backward, the AdamW moments (2 P), the EMA copy (P) and the frozen teacher
+    of the consistency loss (P and its forward)."""
+    peak, params = unet_peak(cfg, batch, train=True)
+    teacher, _ = unet_peak(cfg, batch, train=False)
+    return peak + 3 * params + teacher
+
+
+def sampling_bytes(cfg: Config, batch: int) -> int:
+    """One sampling call: the forward of the (guidance-doubled) batch with the ensemble's N models resident."""
+    guided = cfg.task == "t2i" and cfg.pipeline.guidance_scale != 1.0
+    peak, params = unet_peak(cfg, batch * (2 if guided else 1), train=False)
+    return peak + (cfg.deme.n - 1) * params
+
+
+def check_batches(cfg: Config, avail: tuple[str, int] | None = None) -> None:
+    """Every batch through the UNet, against the device the stages run on (runtime.device)."""
+    avail = avail or memory.budget(cfg.runtime.device)
+    p = "t2i." if cfg.task == "t2i" else ""
+    how = " (fp32, the UNet measured on fake tensors)"
+    keys = [("finetune.batch_size", cfg.finetune.batch_size)]
+    if cfg.model.source == "train":  # the pretrain stage trains it; a hub profile imports its checkpoint
+        keys.insert(0, ("pretrain.batch_size", cfg.pretrain.batch_size))
+    for key, b in keys:
+        memory.refuse(p + key, training_bytes(cfg, b), f"a training step on {b} images", avail, how)
+    b = cfg.sample.batch_size
+    memory.refuse(f"{p}sample.batch_size", sampling_bytes(cfg, b),
+                  f"sampling {b} images per batch with {cfg.deme.n} models resident", avail, how)
+
+
+def check_memory(cfg: Config, avail: tuple[str, int] | None = None) -> None:
+    """Every value that sizes memory (deme/memory.py); ConfigError naming the first that does not fit."""
+    memory.check_counts(cfg)
+    try:
+        check_batches(cfg, avail)
+    except ConfigError:
+        raise
+    except Exception as e:  # the estimate itself failed (an architecture fake tensors cannot run): not a verdict
+        import sys
+
+        print(f"warning: memory check of the {cfg.profile} profile skipped: {type(e).__name__}: {e}"[:300],
+              file=sys.stderr)
 
 
 def _set(doc, keys: list[str], base) -> bool:

@@ -16,6 +16,15 @@ if str(ROOT) not in sys.path:  # the package is used from the checkout, not inst
 torch.set_num_threads(1)
 
 
+def pytest_configure(config):
+    """The validate stage's measured UNet peaks (deme/validation.py) go to a cache of this test session, not
+    the user's ~/.cache/deme-suite (the pipeline tests' subprocesses inherit it)."""
+    import os
+    import tempfile
+
+    os.environ.setdefault("DEME_CACHE", tempfile.mkdtemp(prefix="deme-cache-"))
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `ci` (the SIGKILL fault harness over every long stage, the MLflow-server / queue / DVC
     remote check) take several minutes on top of the 10-minute suite: they run where DEME_FULL_TESTS=1

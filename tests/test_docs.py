@@ -51,5 +51,6 @@ def test_reliability_counts_are_the_tests_own():
     fuzz = _list_len("test_params_fuzz.py", "MAPPING_CASES") + _list_len("test_params_fuzz.py", "FILE_CASES")
     for count, words in [(fuzz, "malformed params mappings and files"),
                          (_list_len("test_params_fuzz.py", "CLI_CASES"), "bad params given to the stage CLIs"),
+                         (_list_len("test_params_fuzz.py", "MEMORY_CASES"), "values that size memory beyond the machine"),
                          (_list_len("test_pipeline.py", "BAD_SET_PARAMS"), "bad `dvc exp run -S` values")]:
         assert f"| {count} {words}" in text, (count, words)

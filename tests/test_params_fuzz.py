@@ -446,3 +446,59 @@ def test_stage_cli_from_the_repository_root_writes_nothing(tmp_path):
     subprocess.run([sys.executable, "-c", AUDIT, str(log), str(probe), str(tmp_path / "written")], env=ENV,
                    check=True, timeout=60)
     assert "written" in log.read_text()
+
+
+# ---------------------------------------------------------------------------------------------- memory
+# Values that size memory, far beyond any machine: the validate stage refuses each with one line naming the
+# key and the GiB it would need (deme/memory.py: data and sample counts; deme/validation.py: batches through
+# the UNet, measured on fake tensors).
+
+MEMORY_CASES = [
+    pytest.param({"data": {"num_train": 10 ** 8}}, "data.num_train", id="num-train"),
+    pytest.param({"sample": {"num_samples": 10 ** 9}}, "sample.num_samples", id="num-samples"),
+    pytest.param({"fid": {"reference_samples": 10 ** 10}}, "fid.reference_samples", id="reference-samples"),
+    pytest.param({"merge": {"proxy_samples": 10 ** 10}}, "merge.proxy_samples", id="proxy-samples"),
+    pytest.param({"pretrain": {"batch_size": 10 ** 7}}, "pretrain.batch_size", id="pretrain-batch"),
+    pytest.param({"finetune": {"batch_size": 10 ** 7}}, "finetune.batch_size", id="finetune-batch"),
+    pytest.param({"sample": {"batch_size": 10 ** 8}}, "sample.batch_size", id="sample-batch"),
+    pytest.param({"t2i": {"profile": "micro_t2i", "sample": {"batch_size": 10 ** 7}}}, "t2i.sample.batch_size",
+                 id="t2i-sample-batch"),
+    pytest.param({"t2i": {"profile": "micro_t2i", "finetune": {"batch_size": 10 ** 7}}}, "t2i.finetune.batch_size",
+                 id="t2i-finetune-batch"),
+]
+
+
+@pytest.mark.parametrize("raw, key", MEMORY_CASES)
+def test_a_value_that_cannot_fit_in_memory_is_refused_naming_it(tmp_path, raw, key):
+    from deme import validation
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"profile": "micro", **raw}))
+    with pytest.raises(ConfigError) as e:
+        validation.check(params)
+    assert e.value.key == key and str(e.value).startswith(key) and "\n" not in str(e.value)
+    assert "GiB of memory" in str(e.value) and "this machine has" in str(e.value)
+
+
+def test_the_measured_peak_grows_with_the_batch_and_is_measured_once(monkeypatch):
+    from deme import validation
+
+    cfg = config_from_mapping({"profile": "micro"})
+    small, large = validation.training_bytes(cfg, 8), validation.training_bytes(cfg, 64)
+    assert 0 < small < large and validation.sampling_bytes(cfg, 8) < small
+    monkeypatch.setattr(validation, "_fake_peak", lambda *a: pytest.fail("measured again"))
+    assert validation.training_bytes(cfg, 64) == large  # from $DEME_CACHE/unet-peaks.json
+
+
+@pytest.mark.parametrize("name", ["tiny", "micro", "tiny_t2i", "micro_t2i",
+                                  *(pytest.param(n, marks=pytest.mark.slow) for n in ("cifar10", "church", "sd14"))])
+def test_every_preset_fits_the_machine_it_is_meant_for(name):
+    """CPU profiles on this machine; the paper-scale profiles on one 80 GiB GPU (their runtime.device)."""
+    from deme import validation
+    from deme.profiles import PROFILES
+
+    t2i = PROFILES[name].get("task") == "t2i"
+    cfg = config_from_mapping({"profile": "tiny", "t2i": {"profile": name}}, "t2i") if t2i else \
+        config_from_mapping({"profile": name})
+    gpu = ("an 80 GiB GPU", int(0.9 * 80 * 2 ** 30)) if name in ("cifar10", "church", "sd14") else None
+    validation.check_batches(cfg, gpu)
