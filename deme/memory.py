@@ -8,7 +8,7 @@ MemoryError (or an out-of-memory kill) hours in. Three kinds of value size memor
   every training seed's features, their float64 copy inside FID and the bootstrap's index table;
 - a batch through the UNet (``pretrain.batch_size``, ``finetune.batch_size``, ``sample.batch_size``). Its peak
   is measured, not guessed: the profile's own UNet runs one training step (forward and backward) or one
-  sampling call on fake tensors (no memory, no arithmetic) under torch's MemTracker, in fp32 (an upper bound
+  sampling call on fake tensors (no memory, no arithmetic) under torch's MemTracker, in fp32 (more than
   for fp16/bf16 runs). Training adds the AdamW moments, the EMA copy and the frozen teacher; sampling adds
   the N interval models the ensemble keeps resident; text-to-image sampling doubles the batch for guidance.
 
