@@ -8,8 +8,9 @@ killed at any point recomputes only the pieces it had not finished, and the reru
 uninterrupted run's, bit for bit, since every piece is computed from its own seeds alone.
 
 The fingerprint holds everything the pieces depend on (model weights digest, seeds, sampler and feature
-settings) and the digest of the stage's code (deme/codedeps.py); pieces of another fingerprint are deleted, so a changed setting starts afresh. The stage clears
-the folder once its outputs are written.
+settings), the digest of the stage's code (deme/codedeps.py) and the thread count; pieces of another
+fingerprint are deleted, so a changed setting starts afresh, and the stage says why (:func:`why_stale`). The
+stage clears the folder once its outputs are written.
 
 Two environment variables serve fault tests and monitoring (scripts/fault_harness.py):
 ``DEME_RESUME_LOG`` (a file: one line per saved piece or checkpoint) and ``DEME_RESUME_THROTTLE_S`` (sleep
@@ -111,6 +112,26 @@ def run_context() -> dict[str, Any]:
     return {"code": running(), "threads": torch.get_num_threads()}
 
 
+def why_stale(old: Any, new: Mapping) -> str:
+    """Why a resume record ``old`` (as read back from JSON) cannot be continued by a run whose record is ``new``
+    (both ``{"inputs": ..., "code": ..., "threads": ...}``), or "" if it can. The stage prints it."""
+    new = json.loads(json.dumps(new, sort_keys=True, default=str))
+    if not isinstance(old, dict) or old.get("inputs") != new.get("inputs"):
+        return "other settings or inputs"
+    if old.get("code") != new.get("code"):
+        return "other code (a module the stage imports changed)"
+    if old.get("threads") != new.get("threads"):
+        return f"{old.get('threads')} CPU threads, not {new.get('threads')} (runtime.num_threads)"
+    return ""
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def fingerprint_of(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -130,6 +151,9 @@ class Shards:
         if main and self.root.exists():
             for stale in self.root.iterdir():
                 if stale.name != digest:
+                    if stale.is_dir() and any(stale.glob("*.npz")):
+                        why = why_stale(_read_json(stale / "fingerprint.json"), fingerprint)
+                        print(f"[resume] {stale}: pieces made with {why}; starting over", flush=True)
                     shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
         self.dir.mkdir(parents=True, exist_ok=True)
         if main and not (self.dir / "fingerprint.json").exists():
@@ -201,7 +225,8 @@ class ScoreLog:
 
     def __init__(self, path: str | Path, key: str):
         self.path = Path(path)
-        self.key = json.dumps({"inputs": key, **run_context()}, sort_keys=True)
+        self.record = {"inputs": key, **run_context()}
+        self.key = json.dumps(self.record, sort_keys=True)
 
     def _rows(self) -> list[dict]:
         if not self.path.exists():
@@ -223,6 +248,13 @@ class ScoreLog:
     def start(self) -> None:
         """Begin the log afresh, or rewrite it without a line a kill cut short (appends stay line-aligned)."""
         rows = self._rows()
+        if not rows and self.path.exists() and self.path.read_text().count("\n") > 1:
+            first = self.path.read_text().split("\n", 1)[0]
+            try:
+                why = why_stale(json.loads(first), self.record)
+            except ValueError:
+                why = "other settings or inputs"
+            print(f"[resume] {self.path}: scores made with {why}; starting over", flush=True)
         atomic_write_text(self.path, "".join([self.key + "\n"] + [json.dumps(r) + "\n" for r in rows]))
 
     def append(self, w, fid: float) -> None:

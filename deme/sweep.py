@@ -74,8 +74,10 @@ def train_interval(cfg: Config, i: int, images, device, ckpt_dir: Path, *, seed_
     fingerprint = json.dumps([dataclasses.asdict(cfg.finetune), dataclasses.asdict(d), name, list(seed_tag), seed,
                               state_digest(model), dataclasses.asdict(cfg.schedule), array_id(images), run_context()])
     done = Path(ckpt_dir) / "done"  # the finished model: a rerun after a kill does not train it again
-    if (done / "deme.json").exists() and model_meta(done).get("fingerprint") == fingerprint:
-        return load_model(done)
+    if (done / "deme.json").exists():
+        if model_meta(done).get("fingerprint") == fingerprint:
+            return load_model(done)
+        print(f"[resume] {done}: finished model made with other settings, inputs, code or threads; training again")
     if d.channel_projection:
         add_channel_projection(model)
     if teacher is None and d.consistency_loss and d.consistency_weight > 0:

@@ -265,17 +265,15 @@ def _load_checkpoint(path: Path, fingerprint: str, model: nn.Module, ema, optimi
                      scaler=None) -> int:
     from safetensors.torch import load_file
 
-    from deme.codedeps import running
+    from deme.resume import run_context, why_stale
 
     state_file = path / "state.json"
     if not state_file.exists():
         return 0
     try:
         state = json.loads(state_file.read_text())
-        why = ("other settings or inputs" if state.get("fingerprint") != fingerprint else
-               "other code (a module the stage imports changed)" if state.get("code", "") != running() else
-               f"{state.get('threads')} CPU threads, not {torch.get_num_threads()} (runtime.num_threads)"
-               if state.get("threads") != torch.get_num_threads() else None)
+        why = why_stale({"inputs": state.get("fingerprint"), "code": state.get("code"), "threads": state.get("threads")},
+                        {"inputs": fingerprint, **run_context()})
         if why:
             print(f"[resume] {path}: checkpoint was made with {why}; starting over")
             shutil.rmtree(path)

@@ -368,3 +368,49 @@ def test_stats_id_sees_every_reference_number():
     b = {"clean": Stats(np.zeros(3), np.eye(3) * (1 + 1e-12), 10)}
     assert stats_id(a) == stats_id({"clean": Stats(np.zeros(3), np.eye(3), 10)}) != stats_id(b)
     assert stats_id(None) is None
+
+
+WHY = {"settings": "other settings or inputs", "code": "other code", "threads": "runtime.num_threads"}
+
+
+def _changed(change, monkeypatch):
+    """Apply one kind of change for the next resume record: its inputs (returned), code or thread count."""
+    if change == "code":
+        monkeypatch.setattr("deme.codedeps.running", lambda: "code-b")
+    if change == "threads":
+        torch.set_num_threads(torch.get_num_threads() + 1)
+    return {"a": 2} if change == "settings" else {"a": 1}
+
+
+@pytest.mark.parametrize("change", list(WHY))
+def test_shards_of_another_record_start_over_and_say_why(tmp_path, monkeypatch, capsys, change):
+    monkeypatch.setattr("deme.codedeps.running", lambda: "code-a")
+    Shards(tmp_path / "r", {"a": 1}).put("k", {"x": np.arange(3)})
+    threads = torch.get_num_threads()
+    try:
+        again = Shards(tmp_path / "r", _changed(change, monkeypatch))
+        assert again.get("k") is None
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "[resume]" in out and WHY[change] in out and "starting over" in out
+    assert len(list((tmp_path / "r").iterdir())) == 1  # the stale pieces are gone
+
+
+@pytest.mark.parametrize("change", list(WHY))
+def test_a_score_log_of_another_record_starts_over_and_says_why(tmp_path, monkeypatch, capsys, change):
+    monkeypatch.setattr("deme.codedeps.running", lambda: "code-a")
+    log = ScoreLog(tmp_path / "scores.jsonl", json.dumps({"a": 1}))
+    log.start()
+    log.append((0.5,), 3.0)
+    ScoreLog(log.path, json.dumps({"a": 1})).start()
+    assert "[resume]" not in capsys.readouterr().out  # the same record: kept, nothing to say
+    threads = torch.get_num_threads()
+    try:
+        again = ScoreLog(log.path, json.dumps(_changed(change, monkeypatch)))
+        again.start()
+        assert again.load() == {}
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "[resume]" in out and WHY[change] in out and "starting over" in out
