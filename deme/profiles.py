@@ -375,8 +375,20 @@ _Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,20
 _Dumper.add_representer(_Row, lambda d, v: d.represent_mapping("tag:yaml.org,2002:map", v.items(), flow_style=True))
 
 
+def _rows(doc):
+    """``doc`` with every sweep run (``sweep.runs.*``, also under ``t2i:``) as a :class:`_Row`, so a file read
+    back with plain dicts is written as the presets are."""
+    if not isinstance(doc, dict):
+        return doc
+    out = {k: _rows(v) if k == "t2i" else v for k, v in doc.items()}
+    runs = (out.get("sweep") or {}).get("runs") if isinstance(out.get("sweep"), dict) else None
+    if isinstance(runs, dict):
+        out["sweep"] = {**out["sweep"], "runs": {k: _Row(v) if isinstance(v, dict) else v for k, v in runs.items()}}
+    return out
+
+
 def dump_yaml(data: dict) -> str:
-    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, width=160)
+    return yaml.dump(_rows(data), Dumper=_Dumper, sort_keys=False, width=160)
 
 
 if __name__ == "__main__":

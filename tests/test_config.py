@@ -301,3 +301,15 @@ def test_params_are_read_as_yaml_1_2_like_dvc(tmp_path):
     p.write_text("profile: micro\nfinetune:\n  lr: 1e-4\n  precision: fp16\ndata:\n  path: no\n")
     cfg = load_config(p)
     assert cfg.finetune.lr == 1e-4 and cfg.finetune.precision == "fp16" and cfg.data.path == "no"
+
+
+def test_profiles_use_writes_the_presets_and_keeps_the_other_pipeline_as_written(tmp_path):
+    """`use` of one pipeline's profile keeps the other section's values and its one-line sweep runs; using
+    both default profiles gives the repository's params.yaml byte for byte (it is the presets, no override)."""
+    p = tmp_path / "params.yaml"
+    main(["use", "tiny", "--params", str(p)])
+    main(["use", "tiny_t2i", "--params", str(p)])
+    assert yaml.safe_load(p.read_text()) == {**preset("tiny"), "t2i": preset("tiny_t2i")}
+    assert "    n4_p050: {n: 4, probabilistic_sampling: true" in p.read_text()
+    main(["use", "tiny", "--params", str(p)])
+    assert p.read_text() == (REPO / "params.yaml").read_text()
