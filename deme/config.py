@@ -687,9 +687,10 @@ class BenchmarksConfig:
     coco_prompts: str = ""  # BK-SDM mscoco_val2014_30k/metadata.csv (file_name,text), >= coco_count rows
     coco_images: str = ""  # the val2014 image folder: FID reference = every image, resized to fid_resolution
     coco_count: int = 30_000  # prompts evaluated (the first rows of coco_prompts)
-    # the merge search's FID proxy (merge.proxy_samples prompts, disjoint images); '' = the rows of coco_prompts
-    # after the first coco_count
+    # the merge search's FID proxy (coco_proxy_count prompts, disjoint images; merge.proxy_samples of them are
+    # scored); '' = the rows of coco_prompts after the first coco_count
     coco_proxy_prompts: str = ""
+    coco_proxy_count: int = 5000
     imagenet_classes: str = ""  # one class name per line (1000)
     imagenet_template: str = "a photo of a {}"  # docs/paper.md §3.2 [OURS]
     imagenet_per_class: int = 2
@@ -702,6 +703,7 @@ class BenchmarksConfig:
 
     def validate(self, k: str) -> None:
         _check(f"{k}.coco_count", self.coco_count >= 1, "must be >= 1")
+        _check(f"{k}.coco_proxy_count", self.coco_proxy_count >= 16, "must be >= 16 (merge.proxy_samples' minimum)")
         _check(f"{k}.imagenet_per_class", self.imagenet_per_class >= 1, "must be >= 1")
         _check(f"{k}.imagenet_template", self.imagenet_template.count("{}") == 1,
                f"must contain '{{}}' once (the class name), got {self.imagenet_template!r}")
@@ -753,6 +755,9 @@ class Config:
         if self.task == "t2i":
             _check("finetune.eval_every", self.finetune.eval_every == 0,
                    "FID curves during training are not implemented for text-to-image profiles; use 0")
+            _check("merge.proxy_samples", self.merge.proxy_samples <= self.benchmarks.coco_proxy_count,
+                   f"must be <= benchmarks.coco_proxy_count ({self.benchmarks.coco_proxy_count}): the merge search "
+                   f"scores that many of the prepared proxy prompts")
             _check("baselines.difftuning.variant", self.baselines.difftuning.variant == "kd",
                    "text-to-image profiles use 'kd' (the buffer variant's images have no prompts)")
             _check("pipeline.text_encoder.hidden_size",

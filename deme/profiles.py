@@ -248,6 +248,7 @@ def _tiny_t2i() -> dict:
     # stand-ins: COCO = held-out captions (FID vs the held-out images), ImageNet = shape x colour class names in
     # a fixed template (FID vs the held-out images), PartiPrompts = compositional rephrasings (CLIP only)
     q["benchmarks"] = {"coco_prompts": "", "coco_images": "", "coco_count": 160, "coco_proxy_prompts": "",
+                       "coco_proxy_count": 96,
                        "imagenet_classes": "",
                        "imagenet_template": "a {} on a black background", "imagenet_per_class": 2,
                        "imagenet_images": "", "parti_prompts": "", "parti_count": 48, "fid_resolution": 16,
@@ -271,7 +272,7 @@ def _micro_t2i() -> dict:
     q["pipeline"]["vae"].update(block_out_channels=[8, 16], iterations=20, batch_size=32)
     q["pipeline"]["text_encoder"].update(hidden_size=16, intermediate_size=32)
     q["clip"].update(embed_dim=16, width=16, layers=1, iterations=30, train_batch_size=64, batch_size=64)
-    q["benchmarks"].update(coco_count=32, imagenet_per_class=1, parti_count=16, grid_prompts=4)
+    q["benchmarks"].update(coco_count=32, coco_proxy_count=16, imagenet_per_class=1, parti_count=16, grid_prompts=4)
     q["analysis"] = copy.deepcopy(_micro()["analysis"])
     return q
 
@@ -313,7 +314,7 @@ def _sd14() -> dict:
                  "patch_size": 4, "context_length": 16, "iterations": 600, "train_batch_size": 128, "lr": 1e-3}
     q["benchmarks"] = {"coco_prompts": "datasets/coco/mscoco_val2014_30k/metadata.csv",
                        "coco_images": "datasets/coco/val2014", "coco_count": 30_000,
-                       "coco_proxy_prompts": "datasets/coco/proxy_5k/metadata.csv",
+                       "coco_proxy_prompts": "datasets/coco/proxy_5k/metadata.csv", "coco_proxy_count": 5000,
                        "imagenet_classes": "datasets/imagenet/classnames.txt",
                        "imagenet_template": "a photo of a {}", "imagenet_per_class": 2,
                        "imagenet_images": "datasets/imagenet/val", "parti_prompts": "datasets/parti/PartiPrompts.tsv",

@@ -58,7 +58,7 @@ def test_coco_sets_split_disjoint_and_count_errors(tmp_path):
     assert not set(coco["prompts"]) & set(proxy["prompts"])
     assert coco["sha256"] == proxy["sha256"] == P.sha256_file(meta) and coco["source"] == str(meta)
     with pytest.raises(PromptError, match=r"metadata\.csv: 10 usable prompt rows, 12 needed \(benchmarks\.coco_count=8"
-                                          r" \+ merge\.proxy_samples=4\)"):
+                                          r" \+ benchmarks\.coco_proxy_count=4\)"):
         P.coco_sets(meta, 8, 4)
 
 
@@ -194,7 +194,7 @@ def test_standins_are_deterministic_and_pass_validation(tmp_path):
             [(b[key] / f.relative_to(a[key]) if b[key].is_dir() else b[key]).read_bytes() for f in files_a]
     assert P.read_class_names(a["imagenet_classes"]) == P.standin_class_names()
     assert len(P.standin_class_names()) == 40 and P.standin_class_names()[0] == "red circle"
-    n = cfg.benchmarks.coco_count + cfg.merge.proxy_samples
+    n = cfg.benchmarks.coco_count + cfg.benchmarks.coco_proxy_count
     rows = P.read_coco_metadata(a["coco_prompts"])
     assert len(rows) == n and len(list(a["coco_images"].glob("*.png"))) == n
     assert rows[0].text.startswith("a ") and "background" in rows[0].text
@@ -274,6 +274,7 @@ def sd14_inputs(root: Path) -> dict:
     return {"t2i": {"profile": "sd14", "data": {"path": str(laion), "resolution": 8, "num_ref": 2},
                     "merge": {"proxy_samples": 16},
                     "benchmarks": {"coco_prompts": str(meta), "coco_images": str(images), "coco_count": 2,
+                                   "coco_proxy_count": 16,
                                    "coco_proxy_prompts": "", "imagenet_classes": str(root / "classes.txt"),
                                    "imagenet_images": str(root / "imagenet"),
                                    "parti_prompts": str(root / "PartiPrompts.tsv"), "fid_resolution": 8}}}
@@ -335,3 +336,13 @@ def test_separate_coco_proxy_file_must_be_disjoint(workdir, monkeypatch, capsys,
     b["coco_proxy_prompts"] = str(tmp_path / "nope.csv")
     assert run_prepare(monkeypatch, params) == 2
     assert "benchmarks.coco_proxy_prompts" in capsys.readouterr().err
+
+
+def test_the_merge_search_scores_at_most_the_prepared_proxy_prompts():
+    """The data stage prepares benchmarks.coco_proxy_count proxy prompts (a data setting: t2i_prepare does not
+    depend on the merge's settings); merge.proxy_samples of them are scored, so it cannot ask for more."""
+    from deme.config import ConfigError, config_from_mapping
+
+    with pytest.raises(ConfigError, match=r"^t2i\.merge\.proxy_samples: must be <= benchmarks\.coco_proxy_count \(96\)"):
+        config_from_mapping({"t2i": {"profile": "tiny_t2i", "merge": {"proxy_samples": 97}}}, "t2i")
+    assert config_from_mapping({"t2i": {"profile": "tiny_t2i", "merge": {"proxy_samples": 64}}}, "t2i")

@@ -5,7 +5,7 @@ naming the file and line (``PromptError``):
 
 - MS-COCO: BK-SDM's ``mscoco_val2014_30k/metadata.csv`` (``file_name,text``, one caption per val2014
   image). The first ``coco_count`` rows are the evaluated prompts (COCO-30K); the next
-  ``merge.proxy_samples`` rows are the merge search's FID proxy (docs/paper.md §1.8: disjoint from the
+  ``coco_proxy_count`` rows are the merge search's FID proxy (docs/paper.md §1.8: disjoint from the
   evaluated prompts). FID reference: every image of ``coco_images`` (val2014, 40,504 images) resized to
   ``fid_resolution`` squared with PIL bicubic, as BK-SDM (§8.3).
 - ImageNet-1K: the class names (``.txt`` one per line in class-index order, or ``index<TAB>name``), each
@@ -71,7 +71,7 @@ FETCH = {
     "coco_proxy_prompts": "make a metadata.csv (file_name,text) of captions of val2014 images that are not in the "
                           "30K list (from annotations/captions_val2014.json of "
                           "http://images.cocodataset.org/annotations/annotations_trainval2014.zip), at least "
-                          "merge.proxy_samples rows; or set it to '' to take the rows after benchmarks.coco_count "
+                          "benchmarks.coco_proxy_count rows; or set it to '' to take the rows after benchmarks.coco_count "
                           "of benchmarks.coco_prompts",
     "parti_prompts": "fetch PartiPrompts.tsv from https://github.com/google-research/parti (or the HF dataset "
                      "nateraw/parti-prompts)",
@@ -251,7 +251,7 @@ def coco_sets(path: Path, count: int, proxy: int, *, images: Path | None = None,
     if len(kept) < need:
         extra = f" ({len(skipped)} row{'s' * (len(skipped) != 1)} skipped for missing images)" if skipped else ""
         raise PromptError(f"{path}: {len(kept)} usable prompt rows{extra}, {need} needed (benchmarks.coco_count="
-                          f"{count} + merge.proxy_samples={proxy}); add rows (e.g. captions of other val2014 "
+                          f"{count} + benchmarks.coco_proxy_count={proxy}); add rows (e.g. captions of other val2014 "
                           f"images from annotations/captions_val2014.json) or lower the counts")
     sha, source = sha256_file(path), label or str(path)
 
@@ -394,7 +394,7 @@ def _standin_coco(cfg, root: Path) -> tuple[Path, Path]:
     """Held-out captioned shapes (own seed: not the training or reference images) as metadata.csv + PNGs."""
     from deme.data.shapes import generate_shapes
 
-    n = cfg.benchmarks.coco_count + cfg.merge.proxy_samples
+    n = cfg.benchmarks.coco_count + cfg.benchmarks.coco_proxy_count
     held = generate_shapes(n, derive_seed(cfg.seed, "bench", "coco"), cfg.data.resolution)
     images = root / "coco" / "images"
     images.mkdir(parents=True)
@@ -489,7 +489,7 @@ def build_prompt_sets(cfg, src: Sources) -> dict[str, dict]:
         coco, _ = coco_sets(p["coco_prompts"], b.coco_count, 0, images=p["coco_images"],
                             on_corrupt=cfg.data.on_corrupt, label=L["coco_prompts"])
         path = source_path(b, "coco_proxy_prompts")
-        _, proxy = coco_sets(path, 0, cfg.merge.proxy_samples, images=p["coco_images"],
+        _, proxy = coco_sets(path, 0, cfg.benchmarks.coco_proxy_count, images=p["coco_images"],
                              on_corrupt=cfg.data.on_corrupt, label=str(path))
         shared = set(coco["file_names"]) & set(proxy["file_names"])
         if shared:
@@ -497,7 +497,7 @@ def build_prompt_sets(cfg, src: Sources) -> dict[str, dict]:
                               f"benchmarks.coco_prompts (e.g. {sorted(shared)[0]}); the proxy must be disjoint "
                               f"from the evaluated prompts (docs/paper.md §1.8)")
     else:
-        coco, proxy = coco_sets(p["coco_prompts"], b.coco_count, cfg.merge.proxy_samples, images=p["coco_images"],
+        coco, proxy = coco_sets(p["coco_prompts"], b.coco_count, cfg.benchmarks.coco_proxy_count, images=p["coco_images"],
                                 on_corrupt=cfg.data.on_corrupt, label=L["coco_prompts"])
     return {"coco": coco, "coco_proxy": proxy,
             "imagenet": imagenet_set(p["imagenet_classes"], b.imagenet_template, b.imagenet_per_class,
