@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deme.cli import run_stage  # noqa: E402
 
-from deme.objectives import SINGLE_MODEL_METHODS  # noqa: E402
+from deme.methods import SINGLE_MODEL_METHODS  # noqa: E402
 
 MODELS = ("pretrained", "ensemble", "merged", *SINGLE_MODEL_METHODS)
 
@@ -46,7 +46,7 @@ def load(name, cfg, paths):
         folders = [[paths.interval(i, s) for i in cfg.deme.intervals] if name == "ensemble" else [paths.merged(s)]
                    for s in range(cfg.deme.seeds)]
     else:
-        from deme.objectives import method_seeds
+        from deme.methods import method_seeds
 
         folders = [[paths.method(name) / f"seed-{s}"] for s in range(method_seeds(cfg, name))]
     missing = [str(p) for group in folders for p in group if not p.exists()]

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deme.cli import StageError, run_stage  # noqa: E402
 
-from deme.objectives import SINGLE_MODEL_METHODS as METHODS  # noqa: E402
+from deme.methods import SINGLE_MODEL_METHODS as METHODS  # noqa: E402
 
 
 def add_args(ap):
@@ -39,36 +39,18 @@ def item(args):
 
 
 def make_objective(cfg, method, paths):
-    """The per-batch loss of a single-model method."""
-    import torch
+    """deme.objectives.for_method, with Diff-Tuning's retention buffer read from the buffer stage's output."""
+    from deme.objectives import for_method
 
-    from deme.data import load_images
-    from deme.models import frozen_teacher
-    from deme.objectives import ANTObjective, DiffTuningObjective, EpsObjective
-    from deme.schedule import alphas_cumprod
-    from deme.train import to_model_range
-    from deme.weighting import epsilon_weights
+    buffer = None
+    if method == "difftuning" and cfg.baselines.difftuning.variant == "buffer":
+        from deme.data import load_images
 
-    ab, T, b = alphas_cumprod(cfg.schedule).float(), cfg.schedule.num_train_timesteps, cfg.baselines
-    if method == "plain":
-        return EpsObjective(ab, 0, T, antithetic=cfg.deme.antithetic)
-    if method in ("min_snr", "p2", "snr_plus_one", "trunc_snr"):
-        h = getattr(b, method)
-        w = epsilon_weights(method, alphas_cumprod(cfg.schedule), normalize=h.normalize, **h.hparams())
-        return EpsObjective(ab, 0, T, antithetic=cfg.deme.antithetic, weights=w.float())
-    if method == "ant_uw":
-        return ANTObjective(ab, b.ant_uw.num_tasks, "uw", uw_lr=b.ant_uw.uw_lr)
-    if method == "ant_nash":
-        # "every 25 steps" counts optimizer steps; the objective counts micro-batches
-        return ANTObjective(ab, b.ant_nash.num_tasks, "nash",
-                            update_every=b.ant_nash.update_every * cfg.finetune.grad_accum)
-    d = b.difftuning
-    if d.variant == "kd":
-        return DiffTuningObjective(ab, variant="kd", teacher=frozen_teacher(cfg), kd_weight=d.kd_weight)
-    buffer = load_images(paths.buffer)
-    if len(buffer) != d.buffer_size:
-        raise StageError(f"{paths.buffer} holds {len(buffer)} images, params say {d.buffer_size}: dvc repro buffer")
-    return DiffTuningObjective(ab, variant="buffer", buffer=to_model_range(torch.from_numpy(buffer.copy())))
+        buffer = load_images(paths.buffer)
+        if len(buffer) != cfg.baselines.difftuning.buffer_size:
+            raise StageError(f"{paths.buffer} holds {len(buffer)} images, params say "
+                             f"{cfg.baselines.difftuning.buffer_size}: dvc repro buffer")
+    return for_method(cfg, method, buffer)
 
 
 def body(ctx):
@@ -79,7 +61,7 @@ def body(ctx):
     from deme.data import load_images
     from deme.io import derive_seed, write_json
     from deme.models import count_parameters, frozen_teacher, load_pretrained, save_model
-    from deme.objectives import method_seeds
+    from deme.methods import method_seeds
     from deme.paths import Paths
     from deme.projection import add_channel_projection
     from deme.resume import content_id, state_digest

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from deme.methods import METHODS
 from deme.metrics.fid import Stats
 from deme.stats import Estimate, difference, verdict
 
-BASELINE_LABELS = {"min_snr": "Min-SNR-γ", "p2": "P2", "snr_plus_one": "SNR+1", "trunc_snr": "Trun-SNR",
-                   "ant_uw": "ANT-UW", "ant_nash": "ANT-NashMTL", "difftuning": "Diff-Tuning"}
+BASELINE_LABELS = {m.name: m.short for m in METHODS if m.family != "plain"}
 
 
 def row_features(paths, key: str, bench: str = "") -> list[np.ndarray] | None:

@@ -6,20 +6,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from deme.objectives import SINGLE_MODEL_METHODS
+from deme.methods import BY_NAME, METHODS, SINGLE_MODEL_METHODS
 from deme.report.paper import paper_table
 
 # Table 1 rows measured by the suite: (key, label, the paper's row key where the paper has the row).
 TABLE1_ROWS = [
     ("pretrained", "Pretrained (before finetuning)", "pretrained"),
-    ("plain", "Plain finetuning (control)", None),
-    ("min_snr", "Min-SNR-γ", "min_snr"),
-    ("p2", "P2 weighting", "p2"),
-    ("snr_plus_one", "SNR+1", "snr_plus_one"),
-    ("trunc_snr", "Trun-SNR", "trunc_snr"),
-    ("ant_uw", "ANT-UW", "ant_uw"),
-    ("ant_nash", "ANT-NashMTL", "ant_nash"),
-    ("difftuning", "Diff-Tuning", None),
+    *((m.name, m.label, m.name if m.in_paper else None) for m in METHODS),
     ("ensemble", "DeMe (before merge: timestep ensemble)", "ensemble"),
     ("merged", "DeMe (after merge: task-vector merge)", "merged"),
     ("floor", "Data-vs-data floor (training vs held-out images)", None),
@@ -124,16 +117,11 @@ def paper_only_rows(table: str = "table1") -> str:
 
 
 # Table 2 (docs/paper.md §3.2): the text-to-image rows, in the paper's order, and its metric columns.
+TABLE2_ORDER = ("plain", "snr_plus_one", "trunc_snr", "min_snr", "p2", "ant_nash", "ant_uw", "difftuning")
 TABLE2_ROWS = [
     ("pretrained", "Pretrained (before finetuning)", "pretrained"),
-    ("plain", "Plain finetuning (control)", None),
-    ("snr_plus_one", "SNR+1", "snr_plus_one"),
-    ("trunc_snr", "Trun-SNR", "trunc_snr"),
-    ("min_snr", "Min-SNR-γ", "min_snr"),
-    ("p2", "P2 weighting", "p2"),
-    ("ant_nash", "ANT-NashMTL", "ant_nash"),
-    ("ant_uw", "ANT-UW", "ant_uw"),
-    ("difftuning", "Diff-Tuning (KD)", None),
+    *((k, BY_NAME[k].label + (" (KD)" if k == "difftuning" else ""), k if BY_NAME[k].in_paper else None)
+      for k in TABLE2_ORDER),
     ("ensemble", "DeMe (before merge: timestep ensemble)", "ensemble"),
     ("merged", "DeMe (after merge: task-vector merge)", "merged"),
 ]

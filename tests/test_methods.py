@@ -1,0 +1,71 @@
+"""The method registry (deme/methods.py) is the one list of single-model methods: what cannot import it (the
+config sections, the presets, the weighting schemes, dvc.yaml's foreach lists) is checked against it here."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from deme import weighting
+from deme.config import BaselinesConfig, config_from_mapping
+from deme.methods import BASELINES, BY_NAME, METHODS, SINGLE_MODEL_METHODS
+from deme.objectives import for_method
+from deme.profiles import PROFILES
+from deme.report.evidence import BASELINE_LABELS
+from deme.report.tables import TABLE1_ROWS, TABLE2_ROWS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _foreach(stage: str) -> list[str]:
+    each = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["foreach"]
+    return list(each)
+
+
+def test_names_are_unique_and_the_control_comes_first():
+    assert len(set(SINGLE_MODEL_METHODS)) == len(METHODS) and SINGLE_MODEL_METHODS[0] == "plain"
+    assert {m.family for m in METHODS} == {"plain", "weighting", "ant", "difftuning"}
+
+
+def test_config_sections_and_presets_have_one_section_per_baseline():
+    fields = [f.name for f in dataclasses.fields(BaselinesConfig) if f.name != "seeds"]
+    assert fields == list(BASELINES)
+    for name, preset in PROFILES.items():
+        assert list(preset["baselines"]) == ["seeds", *BASELINES], name
+
+
+def test_the_weighting_schemes_are_the_weighting_methods():
+    assert weighting.SCHEMES == ("uniform", *(m.name for m in METHODS if m.family == "weighting"))
+
+
+def test_dvc_yaml_runs_and_evaluates_every_method():
+    own_stage = {"plain": "finetune_plain", "difftuning": "finetune_difftuning"}
+    assert _foreach("finetune_baseline") == [m for m in SINGLE_MODEL_METHODS if m not in own_stage]
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert all(s in stages for s in own_stage.values())
+    assert _foreach("t2i_finetune_method") == list(SINGLE_MODEL_METHODS)
+    for stage in ("evaluate", "t2i_evaluate"):
+        assert _foreach(stage) == ["pretrained", "ensemble", "merged", *SINGLE_MODEL_METHODS]
+
+
+def test_the_report_has_one_row_and_one_claim_per_method():
+    for rows in (TABLE1_ROWS, TABLE2_ROWS):
+        keys = [k for k, _, _ in rows]
+        assert sorted(k for k in keys if k in BY_NAME) == sorted(SINGLE_MODEL_METHODS)
+        assert all(label.startswith(BY_NAME[k].label) for k, label, _ in rows if k in BY_NAME)
+    assert list(BASELINE_LABELS) == list(BASELINES)
+
+
+@pytest.mark.parametrize("name", SINGLE_MODEL_METHODS)
+def test_every_method_builds_its_objective(name):
+    cfg = config_from_mapping({"profile": "micro"})
+    buffer = np.zeros((cfg.baselines.difftuning.buffer_size, 16, 16, 3), np.uint8)
+    obj = for_method(cfg, name, buffer)
+    family = BY_NAME[name].family
+    want = {"plain": "EpsObjective", "weighting": "EpsObjective", "ant": "ANTObjective",
+            "difftuning": "DiffTuningObjective"}[family]
+    assert type(obj).__name__ == want
+    assert (getattr(obj, "weights", None) is not None) == (family == "weighting")
