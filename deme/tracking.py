@@ -173,11 +173,20 @@ class Run:
             self._mlflow.log_artifact(str(path), artifact_path)
 
     def log_image(self, path: str | Path, key: str) -> None:
-        """An image under ``key`` (MLflow's image panel and compare view line up runs' images by key)."""
+        """An image under ``key``, twice: as an MLflow image (the experiment's chart view shows it per run, with
+        the run's params) and as the artifact ``<key>.png``, a path every run of any stage shares, so the
+        compare-runs page shows the compared runs' images side by side under "Artifacts"."""
+        import shutil
+        import tempfile
+
         from PIL import Image
 
         with Image.open(path) as img:
             self._mlflow.log_image(img.convert("RGB"), key=key)
+        with tempfile.TemporaryDirectory() as tmp:
+            common = Path(tmp) / f"{key}{Path(path).suffix or '.png'}"
+            shutil.copyfile(path, common)
+            self._mlflow.log_artifact(str(common))
 
     def log_dataset(self, path: str | Path, name: str, context: str = "training") -> None:
         """The data set at ``path`` as the run's input (MLflow's Datasets column), named and digested."""

@@ -27,6 +27,7 @@ Needs a Chromium binary: ``apt-get install -y chromium`` (Debian) gives ``/usr/b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -76,8 +77,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def select_runs(tracking_uri: str, experiment: str, stage_prefix: str):
-    """The latest FINISHED run of each run name starting with ``stage_prefix``, sorted by run name."""
+def select_runs(tracking_uri: str, experiment: str, stage_prefix: str, per_tag: str = ""):
+    """The latest FINISHED run of each run name starting with ``stage_prefix`` (of each name and value of tag
+    ``per_tag``: e.g. deme.group, one run per DVC experiment), sorted by run name."""
     import warnings
 
     with warnings.catch_warnings():
@@ -94,8 +96,9 @@ def select_runs(tracking_uri: str, experiment: str, stage_prefix: str):
                               order_by=["attributes.start_time DESC"], max_results=50000)
     for run in runs:
         name = run.info.run_name or ""
-        if name.startswith(stage_prefix) and name not in latest:
-            latest[name] = run
+        key = (name, run.data.tags.get(per_tag, "")) if per_tag else (name, "")
+        if name.startswith(stage_prefix) and key not in latest:
+            latest[key] = run
     if not latest:
         raise ScreenshotError(f"no FINISHED run named {stage_prefix}* in experiment {experiment!r}")
     return exp, [latest[n] for n in sorted(latest)]
@@ -215,6 +218,118 @@ def screenshot(chromium: str, url: str, out: Path, *, size: tuple[int, int], bud
         raise ScreenshotError(f"Chromium failed (code {proc.returncode}) for {url}:\n{text}")
 
 
+class Browser:
+    """Headless Chromium driven over the DevTools protocol on a pipe (``--remote-debugging-pipe``: JSON
+    messages separated by NUL on file descriptors 3 and 4), so a page can be clicked before its screenshot
+    without any browser-automation package."""
+
+    def __init__(self, chromium: str, size: tuple[int, int], workdir: Path):
+        to_browser, self._cmd = os.pipe()
+        self._out, from_browser = os.pipe()
+        profile = Path(tempfile.mkdtemp(prefix="chromium-", dir=workdir))
+
+        def fds():
+            os.dup2(to_browser, 3)
+            os.dup2(from_browser, 4)
+
+        self.proc = subprocess.Popen([chromium, *CHROMIUM_FLAGS, "--remote-debugging-pipe",
+                                      f"--user-data-dir={profile}", f"--window-size={size[0]},{size[1]}",
+                                      "about:blank"], pass_fds=(3, 4), preexec_fn=fds, cwd=workdir,
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        os.close(to_browser)
+        os.close(from_browser)
+        self._buf, self._id, self.session = b"", 0, None
+        target = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+        self.session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+
+    def send(self, method: str, params: dict | None = None, timeout: float = 60) -> dict:
+        import select
+
+        self._id += 1
+        msg = {"id": self._id, "method": method, "params": params or {}}
+        if self.session:
+            msg["sessionId"] = self.session
+        os.write(self._cmd, json.dumps(msg).encode() + b"\0")
+        end = time.monotonic() + timeout
+        while True:
+            while b"\0" not in self._buf:
+                if not select.select([self._out], [], [], max(0.0, end - time.monotonic()))[0]:
+                    raise ScreenshotError(f"Chromium did not answer {method} within {timeout:.0f} s")
+                chunk = os.read(self._out, 1 << 16)
+                if not chunk:
+                    raise ScreenshotError(f"Chromium exited during {method}")
+                self._buf += chunk
+            raw, self._buf = self._buf.split(b"\0", 1)
+            reply = json.loads(raw)
+            if reply.get("id") == self._id:
+                if "error" in reply:
+                    raise ScreenshotError(f"Chromium: {method}: {reply['error'].get('message')}")
+                return reply.get("result", {})
+
+    def evaluate(self, expression: str):
+        result = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True,
+                                                "awaitPromise": True})
+        return result.get("result", {}).get("value")
+
+    def wait_for(self, expression: str, timeout: float, what: str):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            value = self.evaluate(expression)
+            if value:
+                return value
+            time.sleep(0.25)
+        raise ScreenshotError(f"the page did not show {what} within {timeout:.0f} s")
+
+    def screenshot(self, out: Path) -> None:
+        import base64
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        data = self.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": False})["data"]
+        out.write_bytes(base64.b64decode(data))
+
+    def close(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        for fd in (self._cmd, self._out):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+# The compare page's "Artifacts" tree: click the artifact every compared run has (samples.png: deme.tracking
+# logs each image under one path shared by all runs); MLflow fetches each run's file and previews it as a
+# blob: image, one per run.
+PREVIEWS = ("[...new Set(Array.from(document.querySelectorAll('img')).filter(i => i.src.startsWith('blob:') && "
+            "i.complete && i.naturalWidth > 0).map(i => i.src))]")
+
+
+def compare_with_artifact(chromium: str, url: str, out: Path, artifact: str, runs: int, *,
+                          size: tuple[int, int], timeout: float, workdir: Path) -> dict:
+    """Open the compare page, select ``artifact`` in its Artifacts section and screenshot it with every run's
+    preview loaded; return what the page shows (its text and the previewed image URLs)."""
+    browser = Browser(chromium, size, workdir)
+    try:
+        browser.send("Page.enable")
+        browser.send("Page.navigate", {"url": url})
+        name = json.dumps(artifact)
+        # the innermost elements whose text is the artifact's name: its entries in the Artifacts tree
+        entries = (f"Array.from(document.querySelectorAll('*')).filter(e => e.textContent.trim() === {name} && "
+                   f"!Array.from(e.children).some(c => c.textContent.trim() === {name}))")
+        browser.wait_for(f"{entries}.length > 0", timeout, f"the artifact {artifact}")
+        browser.evaluate(f"{entries}.forEach(e => e.click())")
+        images = browser.wait_for(f"(() => {{ const s = {PREVIEWS}; return s.length >= {runs} ? s : null; }})()",
+                                  timeout, f"{artifact} previewed for each of the {runs} runs")
+        browser.evaluate("Array.from(document.querySelectorAll('img')).find(i => i.src.startsWith('blob:'))"
+                         ".scrollIntoView({block: 'center'})")
+        time.sleep(0.5)
+        browser.screenshot(out)
+        text = browser.evaluate("document.body.innerText")
+    finally:
+        browser.close()
+    return {"images": images, "text": text}
+
+
 def check_png(path: Path, min_bytes: int = 20_000, min_colours: int = 16) -> dict:
     """Fails unless ``path`` is a PNG with some content (not a blank or single-colour page)."""
     from PIL import Image
@@ -249,6 +364,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="PNG of the experiment's run table filtered to the same runs "
                         "[<out stem>_runs.png next to --out]")
     p.add_argument("--no-table", action="store_true", help="skip the run-table screenshot")
+    p.add_argument("--per-tag", default="", metavar="TAG",
+                   help="one run per run name and value of this tag, e.g. deme.group: the same stage of the "
+                        "workspace run and of each DVC experiment side by side")
+    p.add_argument("--artifact", default="", metavar="PATH",
+                   help="open this artifact (e.g. samples.png, the sample grid every evaluate run logs) in the "
+                        "compare page's Artifacts section, so the screenshot shows each run's preview side by side")
+    p.add_argument("--facts", type=Path, help="with --artifact: write what the page showed (its text, the "
+                                               "previewed image URLs) as JSON here")
     p.add_argument("--registry-out", type=Path, default=None,
                    help="PNG of the model-registry page of <experiment>-merged (default: <out stem>_registry.png "
                         "beside --out; skipped when that model is not registered)")
@@ -292,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     registry_out = (args.registry_out or out.with_name(f"{out.stem}_registry.png")).resolve()
     try:
         chromium = find_chromium(args.chromium)
-        exp, runs = select_runs(args.tracking_uri, args.experiment, args.stage_prefix)
+        exp, runs = select_runs(args.tracking_uri, args.experiment, args.stage_prefix, args.per_tag)
         runs = order_runs(runs, args.order, args.metric)
         compare_size = parse_size(args.window_size, len(runs))
         table_size = parse_size(args.table_window_size, len(runs))
@@ -326,6 +449,17 @@ def main(argv: list[str] | None = None) -> int:
             model = registered_merged(args.tracking_uri, args.experiment)
             if model is not None:
                 shots.append((f"{browser_base}/#/models/{model}", registry_out, (1600, 900)))
+            if args.artifact:  # the compare page with that artifact opened for every run, instead of as loaded
+                url, path, size = shots.pop(0)
+                t0 = time.monotonic()
+                facts = compare_with_artifact(chromium, url, path, args.artifact, len(run_ids), size=size,
+                                              timeout=args.browser_timeout, workdir=workdir)
+                info = check_png(path)
+                print(f"saved {path} ({info['size'][0]}x{info['size'][1]} px, {info['colours']} colours, "
+                      f"{len(facts['images'])} previews of {args.artifact}, {time.monotonic() - t0:.1f} s)\n"
+                      f"  url: {url}")
+                if args.facts:
+                    args.facts.write_text(json.dumps({"url": url, "run_ids": run_ids, **facts}, indent=1))
             for url, path, size in shots:
                 t0 = time.monotonic()
                 screenshot(chromium, url, path, size=size, budget_ms=args.virtual_time_ms,

@@ -71,3 +71,43 @@ def test_screenshot_of_compared_runs(tmp_path):
     assert colours is None or len(colours) > 50  # a rendered page, not a blank one
     assert not list(tmp_path.glob("mlruns")) and not list(tmp_path.glob("mlartifacts"))  # nothing written here
     assert time.monotonic() - t0 < 40
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium binary (chromium, chromium-browser or google-chrome) "
+                                             "on PATH; install it with: apt-get install -y chromium")
+def test_compare_page_shows_the_differing_param_and_both_sample_grids(tmp_path, monkeypatch):
+    """evaluate@merged of a workspace run and of a `dvc exp run -S deme.p=0.0` experiment, logged by the suite's
+    own stage_run: MLflow's compare page lists deme.p with both values, and with samples.png opened (the
+    clicked Artifacts entry) shows both runs' sample grids side by side."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from deme.tracking import stage_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    colours = {"workspace@abc12345": (200, 30, 30), "exp-p0": (30, 30, 200)}
+    for (group, colour), p in zip(colours.items(), (0.4, 0.0)):
+        monkeypatch.setenv("DVC_EXP_NAME", group)
+        Image.fromarray(np.full((64, 64, 3), colour, np.uint8)).save(tmp_path / "grid.png")
+        with stage_run("evaluate", "micro", item="merged", params={"deme": {"p": p}, "method": "merged"}) as run:
+            run.log_metrics({"fid": 30.0 + 10 * p})
+            run.log_image(tmp_path / "grid.png", "samples")
+    out, facts = tmp_path / "compare.png", tmp_path / "facts.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--tracking-uri", uri, "--experiment", "micro", "--out",
+                           str(out), "--no-table", "--per-tag", "deme.group", "--artifact", "samples.png",
+                           "--facts", str(facts), "--chromium", CHROMIUM, "--server-timeout", "40",
+                           "--browser-timeout", "60"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    shown = json.loads(facts.read_text())
+    assert len(shown["run_ids"]) == 2 and len(shown["images"]) == 2  # one preview per run
+    # the params table: the differing setting with both values (runs in order of fid)
+    assert "deme.p\t0.0\t0.4" in shown["text"] or "deme.p\t0.4\t0.0" in shown["text"]
+    with Image.open(out) as im:
+        pixels = set(im.convert("RGB").getdata())
+    assert set(colours.values()) <= pixels  # both grids are on the screenshot

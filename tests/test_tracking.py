@@ -137,6 +137,7 @@ def test_runs_carry_settings_group_images_and_dataset_for_compare(tmp_path, monk
     assert client.get_experiment_by_name("micro").tags["mlflow.experimentKind"] == "custom_model_development"
     assert [d.dataset.name for d in r.inputs.dataset_inputs] == ["micro/train"]
     assert any("samples" in a.path for a in client.list_artifacts(run.id, "images"))
+    assert "samples.png" in [a.path for a in client.list_artifacts(run.id)]  # a path every run shares: compare
 
 
 def test_a_training_run_of_a_few_seconds_has_system_metrics(tmp_path, monkeypatch):
