@@ -156,8 +156,9 @@ def try_change(stage: str, kind: str, settings: dict[str, str], inputs: dict[str
     cenv.pop("DEME_RESUME_THROTTLE_S", None)
     res = {"change": kind, "what": what, "started_over": False, "resumed": False, "why": ""}
     t0 = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "-f", "-s", stage], env=cenv,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    entry, base = lock_entry(stage)  # the stage's command itself: DVC's bookkeeping would only add seconds
+    proc = subprocess.Popen(entry["cmd"], shell=True, cwd=base, env=cenv, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     tail = []
     try:
         for line in proc.stdout:

@@ -306,8 +306,9 @@ PREVIEWS = ("[...new Set(Array.from(document.querySelectorAll('img')).filter(i =
 
 def compare_with_artifact(chromium: str, url: str, out: Path, artifact: str, runs: int, *,
                           size: tuple[int, int], timeout: float, workdir: Path) -> dict:
-    """Open the compare page, select ``artifact`` in its Artifacts section and screenshot it with every run's
-    preview loaded; return what the page shows (its text and the previewed image URLs)."""
+    """Open the compare page, select ``artifact`` in its Artifacts section, switch every table to "Show diff
+    only" and screenshot it with every run's preview loaded; return what the page shows (its text, with all
+    params, and the previewed image URLs)."""
     browser = Browser(chromium, size, workdir)
     try:
         browser.send("Page.enable")
@@ -320,11 +321,14 @@ def compare_with_artifact(chromium: str, url: str, out: Path, artifact: str, run
         browser.evaluate(f"{entries}.forEach(e => e.click())")
         images = browser.wait_for(f"(() => {{ const s = {PREVIEWS}; return s.length >= {runs} ? s : null; }})()",
                                   timeout, f"{artifact} previewed for each of the {runs} runs")
+        text = browser.evaluate("document.body.innerText")
+        # "Show diff only" in Parameters, Metrics and Tags: the page shrinks to what differs between the runs
+        browser.evaluate("document.querySelectorAll('[role=switch]').forEach(e => e.click())")
+        time.sleep(0.5)
         browser.evaluate("Array.from(document.querySelectorAll('img')).find(i => i.src.startsWith('blob:'))"
-                         ".scrollIntoView({block: 'center'})")
+                         ".scrollIntoView({block: 'end'})")
         time.sleep(0.5)
         browser.screenshot(out)
-        text = browser.evaluate("document.body.innerText")
     finally:
         browser.close()
     return {"images": images, "text": text}
@@ -367,6 +371,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--per-tag", default="", metavar="TAG",
                    help="one run per run name and value of this tag, e.g. deme.group: the same stage of the "
                         "workspace run and of each DVC experiment side by side")
+    p.add_argument("--tag-values", default="", metavar="V1,V2",
+                   help="with --per-tag: keep only runs whose tag has one of these values")
     p.add_argument("--artifact", default="", metavar="PATH",
                    help="open this artifact (e.g. samples.png, the sample grid every evaluate run logs) in the "
                         "compare page's Artifacts section, so the screenshot shows each run's preview side by side")
@@ -416,6 +422,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         chromium = find_chromium(args.chromium)
         exp, runs = select_runs(args.tracking_uri, args.experiment, args.stage_prefix, args.per_tag)
+        if args.tag_values:  # only these groups (e.g. the workspace run and one experiment)
+            wanted = args.tag_values.split(",")
+            runs = [r for r in runs if r.data.tags.get(args.per_tag) in wanted]
         runs = order_runs(runs, args.order, args.metric)
         compare_size = parse_size(args.window_size, len(runs))
         table_size = parse_size(args.table_window_size, len(runs))

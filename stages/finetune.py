@@ -77,9 +77,12 @@ def body(ctx):
         from deme.text2image import latent_data, load_components, text_conditioner
 
         images = latent_data(paths, cfg.pipeline.caption_dropout)
-        condition = text_conditioner(load_components(paths.pretrained, ctx.device))
+        comps = load_components(paths.pretrained, ctx.device)
+        condition = text_conditioner(comps)
+        data_id = [content_id(paths.latents), state_digest(comps.text_encoder)]  # what the steps read
     else:
         images = load_images(paths.train)
+        data_id = content_id(paths.train)
     settings = cfg.to_dict()
     if args.method:
         name, budget = args.method, dataclasses.replace(cfg.finetune, iterations=cfg.finetune.iterations * d.n)
@@ -101,7 +104,7 @@ def body(ctx):
 
     curve, walls, losses = CurveLog(ctx.run), [], []
     # resume only from a checkpoint made from the same pretrained weights, schedule and data
-    inputs = [state_digest(load_pretrained(cfg)), settings["schedule"], content_id(paths.train)]
+    inputs = [state_digest(load_pretrained(cfg)), settings["schedule"], data_id]
     evaluate = fid_curve(ctx, None if args.method else args.interval) if budget.eval_every else None
     for s, out in runs:
         model = load_pretrained(cfg)

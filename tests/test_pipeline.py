@@ -545,6 +545,18 @@ def test_several_training_seeds_give_mean_and_std(repos):
 # analyze@taskvec trains nothing where deme.seeds >= 2 (its seed floor is the second seed's models), so it has
 # nothing to resume on micro.
 
+# Before the resume, each stage's killed state is also tried with each kind of change to what shapes its
+# result (a setting, the code, the thread count, an input file) and must start over, saying why
+# (scripts/fault_harness.py --changes). The settings change is `seed` + 1 where the stage reads the seed; the
+# input is the stage's first data or model dependency unless named here (the file its killed pieces read).
+CHANGES = {
+    "image": ["--settings", "fid_ref=fid.reference_samples=200",
+              "--inputs", "fid_ref=data/micro/ref.npy", "analyze@plane=models/micro/deme"],
+    "t2i": ["--settings", "t2i_fid_ref=t2i.fid.reference_samples=24",
+            "--inputs", "t2i_fid_ref=data/micro_t2i/ref.npy"],
+    "sweep": [],
+}
+
 FAULT_STAGES = {
     "image": ["pretrain", "finetune@1", "finetune_baseline@ant_nash", "buffer", "merge:3", "evaluate@ensemble:3",
               "fid_ref:8", "analyze@gradsim", "analyze@activations", "analyze@landscape:6", "analyze@plane:8"],
@@ -560,8 +572,8 @@ def _fault_harness(work: Path, env: dict, key: str, seed: int) -> list[dict]:
     fenv = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{copy / 'mlflow.db'}", "OMP_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "fault_harness.py"), *FAULT_STAGES[key],
-                          "--seed", str(seed), "--json", "faults.json"], cwd=copy, env=fenv, capture_output=True,
-                         text=True, timeout=1800)
+                          "--seed", str(seed), "--json", "faults.json", "--changes", "settings,code,threads,input",
+                          *CHANGES[key]], cwd=copy, env=fenv, capture_output=True, text=True, timeout=2400)
     report = copy / "faults.json"
     if not report.exists():
         raise AssertionError(f"fault harness ({key}) wrote no report ({out.returncode}):\n{out.stdout[-3000:]}\n"
@@ -571,6 +583,10 @@ def _fault_harness(work: Path, env: dict, key: str, seed: int) -> list[dict]:
     for r in results:
         print(f"  {r['stage']}: killed after {r.get('pieces_saved_before_kill')} pieces at {r.get('killed_at_s')} s, "
               f"resumed={r.get('resumed')}, outputs equal={r.get('outputs_equal')} ({r.get('outputs')}), ok={r['ok']}")
+        for c in r.get("changes", []):
+            print(f"    {c['change']}: {c.get('what') or c.get('skipped')}: {c.get('why', '')} (ok={c['ok']})")
+    changed = [c for r in results for c in r.get("changes", [])]
+    assert len(changed) == 4 * len(results), "every stage tried with each kind of change"
     failed = [r for r in results if not r["ok"]]
     assert not failed, json.dumps(failed, indent=1)[-6000:]
     return results
