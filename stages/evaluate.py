@@ -118,6 +118,7 @@ def evaluate_t2i(ctx):
     from deme.metrics.fid import Stats, fid_of_features
     from deme.models import count_parameters
     from deme.paths import Paths
+    from deme.resume import state_digest
     from deme.sample import save_grid
     from deme.text2image import bench_seeds, load_components, load_prompt_set, sample_prompts
 
@@ -130,6 +131,7 @@ def evaluate_t2i(ctx):
     sets = {bench: load_prompt_set(paths, bench) for bench in BENCHMARKS}
     per_seed, wall, images = [], 0.0, {}
     n_images, bench_feats, clips = 0, {b: [] for b, has_fid in BENCHMARKS.items() if has_fid}, {b: [] for b in BENCHMARKS}
+    frozen = [state_digest(comps.vae), state_digest(comps.text_encoder)]  # they shape every image too
     for k, model in enumerate(models):
         scores = {}
         for bench, has_fid in BENCHMARKS.items():
@@ -138,7 +140,8 @@ def evaluate_t2i(ctx):
             keep = cfg.sample.grid_size if bench == "coco" else cfg.benchmarks.grid_prompts if bench == "parti" else 0
             t0 = time.perf_counter()
             done = shards(ctx, model, k, spaces if has_fid else None, f"-{bench}", prompts=sets[bench].get("sha256"),
-                          count=len(prompts), keep=keep, pipeline=cfg.to_dict()["pipeline"], clip=clip.describe())
+                          count=len(prompts), keep=keep, pipeline=cfg.to_dict()["pipeline"], clip=clip.describe(),
+                          frozen=frozen)
             res = sample_prompts(model, comps, prompts, seeds, cfg, ctx.device, spaces if has_fid else None, clip,
                                  keep=keep, desc=f"evaluate@{name} {bench}" + (f" seed {k}" if len(models) > 1 else ""),
                                  shards=done)

@@ -553,7 +553,8 @@ CHANGES = {
     "image": ["--settings", "fid_ref=fid.reference_samples=200",
               "--inputs", "fid_ref=data/micro/ref.npy", "analyze@plane=models/micro/deme"],
     "t2i": ["--settings", "t2i_fid_ref=t2i.fid.reference_samples=24",
-            "--inputs", "t2i_fid_ref=data/micro_t2i/ref.npy"],
+            "--inputs", "t2i_fid_ref=data/micro_t2i/bench/coco.npy",
+            "t2i_evaluate@merged=models/micro_t2i/pretrained/vae"],
     "sweep": [],
 }
 
