@@ -38,6 +38,11 @@ def budget(device: str) -> tuple[str, int]:
     if device in ("auto", "cuda") and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         return f"{props.name} has {props.total_memory / GiB:.1f} GiB (90 % may be used)", int(0.9 * props.total_memory)
+    return host_budget()
+
+
+def host_budget() -> tuple[str, int]:
+    """(what, bytes) a setting may use of this machine's memory: half of it."""
     return f"this machine has {host_memory() / GiB:.1f} GiB (half may be used)", host_memory() // 2
 
 
@@ -64,7 +69,7 @@ def evaluation_bytes(n: int, dims: int, seeds: int, bootstrap: int) -> int:
 
 def check_counts(cfg: Config, avail: tuple[str, int] | None = None) -> None:
     """The generated data set and the evaluation's sample counts, against host memory (numpy arrays)."""
-    avail = avail or (f"this machine has {host_memory() / GiB:.1f} GiB (half may be used)", host_memory() // 2)
+    avail = avail or host_budget()
     p = "t2i." if cfg.task == "t2i" else ""
     d = cfg.data
     if d.kind == "shapes":

@@ -53,26 +53,22 @@ from pathlib import Path
 import yaml
 
 
-def lock_outs(stage: str) -> dict[str, str]:
-    """{path: md5} of a stage's outputs in its dvc.lock (``file.yaml:name`` or a root dvc.yaml name)."""
+def lock_entry(stage: str) -> tuple[dict, Path]:
+    """A stage's dvc.lock entry (``file.yaml:name`` or a root dvc.yaml name) and the folder its paths are
+    relative to (the stage's wdir)."""
     dvcfile, name = stage.rsplit(":", 1) if ":" in stage else ("dvc.yaml", stage)
     lock = Path(dvcfile).with_name("dvc.lock")
-    data = yaml.safe_load(lock.read_text()) or {}
-    entry = data.get("stages", {}).get(name)
+    entry = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get(name)
     if entry is None:
         raise SystemExit(f"{lock}: no entry for stage {name!r}; reproduce it once before the fault test")
     spec = (yaml.safe_load(Path(dvcfile).read_text()) or {}).get("stages", {}).get(name.split("@")[0], {})
-    wdir = (spec.get("do") or spec).get("wdir", ".")  # lock paths are relative to the stage's wdir
-    base = Path(dvcfile).parent / wdir
+    return entry, Path(dvcfile).parent / (spec.get("do") or spec).get("wdir", ".")
+
+
+def lock_outs(stage: str) -> dict[str, str]:
+    """{path: md5} of a stage's outputs in its dvc.lock."""
+    entry, base = lock_entry(stage)
     return {os.path.normpath(base / o["path"]): o.get("md5", "") for o in entry.get("outs", [])}
-
-
-def lock_entry(stage: str) -> tuple[dict, Path]:
-    """A stage's dvc.lock entry and the folder its paths are relative to."""
-    dvcfile, name = stage.rsplit(":", 1) if ":" in stage else ("dvc.yaml", stage)
-    data = yaml.safe_load(Path(dvcfile).with_name("dvc.lock").read_text()) or {}
-    spec = (yaml.safe_load(Path(dvcfile).read_text()) or {}).get("stages", {}).get(name.split("@")[0], {})
-    return data.get("stages", {}).get(name, {}), Path(dvcfile).parent / (spec.get("do") or spec).get("wdir", ".")
 
 
 CODE_CHANGE = Path("deme/resume.py")  # imported by every resumable stage (its records' code digest)
