@@ -97,8 +97,14 @@ def run_stage(name: str, doc: str | None, body: Callable[[StageContext], None], 
     from deme.distributed import init
     from deme.models import CheckpointError
     from deme.tracking import TrackingError, flatten, null_run, stage_run
+    from deme.numerics import KernelError, pin_cpu_kernels
     from deme.train import NonFiniteLossError, resolve_device, set_threads
 
+    try:
+        pin_cpu_kernels(cfg.runtime.cpu_kernels)
+    except KernelError as e:
+        print(f"error: {args.params}: {e}", file=sys.stderr)
+        return 2
     set_threads(cfg.runtime.num_threads)
     torch.manual_seed(cfg.seed)
     dist = init(cpu=resolve_device(cfg.runtime.device).type == "cpu")

@@ -315,6 +315,17 @@ class DiffTuningConfig:
 
 
 @dataclass(frozen=True)
+class PiecewiseConfig:
+    """The piecewise reweighting control (docs/paper.md §1.10): the epsilon-MSE weighted by w(t) = w_i on interval
+    I_i, with the weights of the merge search of the same training seed."""
+
+    normalize: bool = False  # rescale w(t) to mean 1 over t (off: the searched weights as they are)
+
+    def validate(self, k: str) -> None:
+        pass
+
+
+@dataclass(frozen=True)
 class BaselinesConfig:
     """Baselines at the plain control's budget: N x finetune.iterations on all timesteps (docs/paper.md §2)."""
 
@@ -326,10 +337,11 @@ class BaselinesConfig:
     ant_uw: ANTUWConfig = field(default_factory=ANTUWConfig)
     ant_nash: ANTNashConfig = field(default_factory=ANTNashConfig)
     difftuning: DiffTuningConfig = field(default_factory=DiffTuningConfig)
+    piecewise: PiecewiseConfig = field(default_factory=PiecewiseConfig)
 
     def validate(self, k: str, num_train_timesteps: int = 1000) -> None:
         _check(f"{k}.seeds", 1 <= self.seeds <= 100, "must be in [1, 100]")
-        for name in ("min_snr", "p2", "snr_plus_one", "trunc_snr", "difftuning"):
+        for name in ("min_snr", "p2", "snr_plus_one", "trunc_snr", "difftuning", "piecewise"):
             getattr(self, name).validate(f"{k}.{name}")
         for name in ("ant_uw", "ant_nash"):
             getattr(self, name).validate(f"{k}.{name}", num_train_timesteps)
@@ -461,9 +473,11 @@ class RuntimeConfig:
     num_processes: int = 1  # processes of `accelerate launch` for training, sampling and features
     channels_last: bool = False  # memory format of the UNet on GPUs
     compile: bool = False  # torch.compile the UNet for training
+    cpu_kernels: str = "portable"  # portable: AVX2 kernels, the same bits on every x86-64 CPU | native (deme/numerics.py)
 
     def validate(self, k: str) -> None:
         _choice(f"{k}.device", self.device, ("auto", "cpu", "cuda"))
+        _choice(f"{k}.cpu_kernels", self.cpu_kernels, ("portable", "native"))
         _check(f"{k}.num_threads", self.num_threads >= 0, "must be >= 0")
         _check(f"{k}.num_processes", 1 <= self.num_processes <= 64, "must be in [1, 64]")
 

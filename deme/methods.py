@@ -6,7 +6,8 @@ method's objective (deme.objectives.for_method, by family), the evaluated rows, 
 labels and claims. This module is data only, so the stages that list methods do not depend on the losses. What cannot
 import it is checked against it by tests/test_methods.py: the ``baselines.*`` config sections and presets,
 ``weighting.SCHEMES`` and the ``foreach`` lists of dvc.yaml. Adding a loss weighting means its formula in
-deme/weighting.py, one line here, its config section (config.py, profiles.py) and the dvc.yaml lists.
+deme/weighting.py, one line here, its config section (config.py, profiles.py) and the dvc.yaml lists. A method
+of :data:`AFTER_MERGE` reads the merge stage's output, so it has its own finetune stage in dvc.yaml.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ class Method:
     name: str  # params section baselines.<name>, stage item, metrics and model folder name
     label: str  # the row label of Tables 1 and 2
     short: str  # in the claims ("DeMe merged beats <short> ...") and on charts
-    family: str  # plain | weighting (deme/weighting.py) | ant (ANT-UW / ANT-NashMTL) | difftuning
+    family: str  # plain | weighting (deme/weighting.py) | ant (ANT-UW / ANT-NashMTL) | difftuning | piecewise
     in_paper: bool  # the paper's Tables 1 and 2 have the row (the plain control is ours)
 
 
@@ -31,13 +32,20 @@ METHODS = (
     Method("ant_uw", "ANT-UW", "ANT-UW", "ant", True),
     Method("ant_nash", "ANT-NashMTL", "ANT-NashMTL", "ant", True),
     Method("difftuning", "Diff-Tuning", "Diff-Tuning", "difftuning", False),
+    # ours (docs/paper.md §1.10): one model trained with the piecewise-constant loss weight w(t) = w_i on I_i, the
+    # weights DeMe's merge search found for the same training seed; it reads the merge's output
+    Method("piecewise", "Piecewise reweighting with DeMe's searched weights (control)", "Piecewise w(t)",
+           "piecewise", False),
 )
 BY_NAME = {m.name: m for m in METHODS}
 SINGLE_MODEL_METHODS = tuple(BY_NAME)  # the plain control first
 BASELINES = tuple(m.name for m in METHODS if m.family != "plain")  # each has a `baselines.<name>` section
+CONTROLS = ("plain", "piecewise")  # ours, trained with DeMe's seeds
+AFTER_MERGE = tuple(m.name for m in METHODS if m.family == "piecewise")  # trained on the merge's searched weights
 
 
 def method_seeds(cfg, name: str) -> int:
-    """Training seeds of a single-model method: the plain control has DeMe's (the claims compare the two),
-    the other baselines `baselines.seeds`."""
-    return cfg.deme.seeds if name == "plain" else cfg.baselines.seeds
+    """Training seeds of a single-model method: the two controls have DeMe's (the claims compare them with DeMe
+    seed for seed; the piecewise control of seed s uses seed s's merge weights), the other baselines
+    `baselines.seeds`."""
+    return cfg.deme.seeds if name in CONTROLS else cfg.baselines.seeds

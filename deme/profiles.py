@@ -61,7 +61,8 @@ _TINY = {
                   "trunc_snr": {"normalize": False},
                   "ant_uw": {"num_tasks": 5, "uw_lr": 0.025},
                   "ant_nash": {"num_tasks": 5, "update_every": 25},
-                  "difftuning": {"variant": "buffer", "buffer_size": 1000, "buffer_steps": 50, "kd_weight": 0.05}},
+                  "difftuning": {"variant": "buffer", "buffer_size": 1000, "buffer_steps": 50, "kd_weight": 0.05},
+                  "piecewise": {"normalize": False}},
     "merge": {"search": "coordinate", "coarse": [0.0, 0.5, 1.0], "refine_step": 0.25, "refine_rounds": 1,
               "start": 1.0, "bounds": [0.0, 1.5], "proxy_samples": 192,
               "scale_search": True},
@@ -73,7 +74,8 @@ _TINY = {
     # One intra-op thread: on CPU the floats of a training step depend on the thread count, so it is a setting
     # (and a param of every computing stage) for bit-identical results on any machine; one thread is also the
     # fastest for these small networks on the 2-core reference machine. GPU profiles leave it to torch (0).
-    "runtime": {"device": "auto", "num_threads": 1, "num_processes": 1, "channels_last": False, "compile": False},
+    "runtime": {"device": "auto", "num_threads": 1, "num_processes": 1, "channels_last": False, "compile": False,
+                "cpu_kernels": "portable"},
     # The analysis figures of the default models (docs/paper.md §4), sized for minutes on a CPU.
     "analysis": {"samples": 64, "batch_size": 128, "gradsim_timesteps": 100, "sketch_dim": 4096,
                  "landscape_grid": 9, "landscape_span": 1.0, "t_draws": 2, "plane_grid": 9, "plane_margin": 0.2,
@@ -119,6 +121,7 @@ _TINY["sweep"]["runs"] = _runs(8, [1, 2, 4, 5, 8, 10], [0.0, 0.1, 0.2, 0.3, 0.5,
 def _micro() -> dict:
     p = copy.deepcopy(_TINY)
     p["profile"] = "micro"
+    p["runtime"]["cpu_kernels"] = "native"  # the test profile: the fastest kernels; its bits are compared on one machine
     p["data"].update(num_train=512, num_ref=256)
     p["model"]["unet"].update(block_out_channels=[8, 16], down_block_types=["DownBlock2D"] * 2,
                               up_block_types=["UpBlock2D"] * 2, norm_num_groups=4)
@@ -171,7 +174,7 @@ def _ddpm(name: str, kind: str, resolution: int, ckpt: str, unet: dict, data_pat
     # 2048-d features: a bootstrap FID costs a 2048 x 2048 matrix square root, so fewer resamples
     q["fid"].update(feature_net="inception", modes=["legacy_pytorch", "clean"], reference="train",
                     reference_samples=50_000, batch_size=250, bootstrap=50)
-    q["runtime"].update(channels_last=True, num_threads=0)
+    q["runtime"].update(channels_last=True, num_threads=0, cpu_kernels="native")
     # docs/paper.md §4 recipes at scale: 512 images with common noise for Fig. 1a (every t), 25x25 landscapes
     q["analysis"].update(samples=512, batch_size=128, gradsim_timesteps=1000, sketch_dim=65536, landscape_grid=25,
                          t_draws=4, plane_grid=31, floor_intervals=[1, 4], sequence_samples=8)
@@ -259,6 +262,7 @@ def _tiny_t2i() -> dict:
 def _micro_t2i() -> dict:
     q = _tiny_t2i()
     q["profile"] = "micro_t2i"
+    q["runtime"]["cpu_kernels"] = "native"
     q["deme"]["seeds"] = 1
     q["data"].update(num_train=512, num_ref=256)
     q["pretrain"].update(iterations=30, batch_size=32, log_every=10, ckpt_every=15)
@@ -303,7 +307,7 @@ def _sd14() -> dict:
                        precision="fp16")
     q["fid"].update(feature_net="inception", modes=["legacy_pytorch", "clean"], reference="ref",
                     reference_samples=0, batch_size=250, bootstrap=50)
-    q["runtime"].update(channels_last=True, num_threads=0)
+    q["runtime"].update(channels_last=True, num_threads=0, cpu_kernels="native")
     # the VAE entry documents SD's AutoencoderKL (downsampling 8: 512 -> 64x64x4 latents); it is imported, not trained
     q["pipeline"]["vae"].update(block_out_channels=[128, 256, 512, 512], layers_per_block=2, norm_num_groups=32)
     q["pipeline"]["text_encoder"].update(hidden_size=768, layers=12, heads=12, intermediate_size=3072, max_length=77)

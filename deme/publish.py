@@ -49,6 +49,7 @@ def model_card(cfg, metrics: dict, lock: dict, floor: float | None, commit: str)
 
     conv = convergence(metrics["fid_curve"])
     settings = {k: cfg.to_dict()[k] for k in ("seed", "data", "schedule", "pretrain", "sample")}
+    settings["runtime"] = {k: cfg.to_dict()["runtime"][k] for k in ("num_threads", "cpu_kernels")}
     settings["model"] = {"unet": cfg.to_dict()["model"]["unet"]}
     rows = "\n".join(f"| {int(s)} | {f:.3f} |" for s, f in metrics["fid_curve"])
     ratio = f"{conv['fid'] / floor:.1f}x" if floor else "?"
@@ -66,6 +67,7 @@ shapes; DDPM, T = {cfg.schedule.num_train_timesteps}, linear betas, epsilon pred
 |---|---|
 | steps | {metrics['iterations']:,} (batch {cfg.pretrain.batch_size}) |
 | wall time | {metrics['wall_s'] / 3600:.2f} h on {metrics.get('threads', '?')} CPU thread(s) (2-core machine) |
+| CPU kernels | `runtime.cpu_kernels: {cfg.runtime.cpu_kernels}` (deme/numerics.py) |
 | final training loss | {metrics['loss']:.5f} |
 | FID (EMA, {cfg.pretrain.eval_samples} samples, {cfg.sample.sampler.upper()}-{cfg.sample.steps}, eta {cfg.sample.eta}) | {conv['fid']:.3f} |
 | data-vs-data floor | {floor if floor is None else f'{floor:.3f}'} ({ratio} the floor) |
@@ -92,7 +94,8 @@ python -m deme.publish           # copies it here and rewrites this card
 ```
 
 `tests/test_publish.py` checks that the first {cfg.pretrain.log_every} steps of this pretraining reproduce the
-logged loss bit for bit (one CPU thread, as it ran).
+logged loss bit for bit on the machine it runs on ({cfg.runtime.num_threads} CPU thread(s) and the
+`{cfg.runtime.cpu_kernels}` CPU kernels, as it ran).
 
 ## Settings
 
@@ -100,6 +103,40 @@ logged loss bit for bit (one CPU thread, as it ran).
 {yaml.safe_dump(settings, sort_keys=False, width=120).rstrip()}
 ```
 """
+
+
+def first_logged_loss(profile: str = "tiny") -> tuple[int, float]:
+    """Re-run the first `pretrain.log_every` steps of the profile's from-scratch pretraining (its preset, the
+    data the prepare stage makes, its thread count and CPU kernels) and return (step, logged mean loss). Run it
+    in a fresh process: the CPU kernels are fixed at the first torch operation."""
+    import dataclasses
+
+    import torch
+
+    from deme.config import config_from_mapping
+    from deme.data.shapes import generate_shapes
+    from deme.io import derive_seed
+    from deme.models import build_unet
+    from deme.numerics import pin_cpu_kernels
+    from deme.objectives import EpsObjective
+    from deme.profiles import preset
+    from deme.schedule import alphas_cumprod
+    from deme.train import set_threads, train
+
+    cfg = config_from_mapping(preset(profile))
+    pin_cpu_kernels(cfg.runtime.cpu_kernels)
+    set_threads(cfg.runtime.num_threads)
+    data = generate_shapes(cfg.data.num_train, derive_seed(cfg.seed, "data", "train"), cfg.data.resolution)
+    seed = derive_seed(cfg.seed, "pretrain")
+    torch.manual_seed(seed)
+    model = build_unet(cfg)
+    objective = EpsObjective(alphas_cumprod(cfg.schedule).float(), 0, cfg.schedule.num_train_timesteps)
+    logged = {}
+    steps = cfg.pretrain.log_every
+    budget = dataclasses.replace(cfg.pretrain, iterations=steps, eval_every=0)  # the LR schedule is step-wise
+    train(model, objective, data.images, budget, seed=seed, device=torch.device("cpu"),
+          log=lambda m, s: logged.setdefault(s, m), desc="reproduce")
+    return steps, logged[steps]["loss"]
 
 
 def publish(params: str = "params.yaml", commit: str | None = None) -> Path:

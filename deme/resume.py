@@ -105,11 +105,12 @@ def stats_id(refs: Mapping | None) -> str | None:
 
 
 def run_context() -> dict[str, Any]:
-    """What every resume record also depends on: the running stage's code closure (deme/codedeps.py) and the
-    torch thread count (on CPU the floats depend on it)."""
+    """What every resume record also depends on: the running stage's code closure (deme/codedeps.py), the
+    torch thread count and the CPU kernels (on CPU the floats depend on both; deme/numerics.py)."""
     from deme.codedeps import running
+    from deme.numerics import cpu_kernels
 
-    return {"code": running(), "threads": torch.get_num_threads()}
+    return {"code": running(), "threads": torch.get_num_threads(), "kernels": cpu_kernels()}
 
 
 def why_stale(old: Any, new: Mapping) -> str:
@@ -122,6 +123,8 @@ def why_stale(old: Any, new: Mapping) -> str:
         return "other code (a module the stage imports changed)"
     if old.get("threads") != new.get("threads"):
         return f"{old.get('threads')} CPU threads, not {new.get('threads')} (runtime.num_threads)"
+    if old.get("kernels") != new.get("kernels"):
+        return f"CPU kernels {old.get('kernels')}, not {new.get('kernels')} (runtime.cpu_kernels)"
     return ""
 
 

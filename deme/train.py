@@ -223,7 +223,7 @@ def _save_checkpoint(path: Path, step: int, fingerprint: str, model: nn.Module, 
     docstring."""
     from safetensors.torch import save_file
 
-    from deme.codedeps import running
+    from deme.resume import run_context
 
     with atomic_dir(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
@@ -236,8 +236,7 @@ def _save_checkpoint(path: Path, step: int, fingerprint: str, model: nn.Module, 
         extra = getattr(objective, "extra_state", None)  # e.g. ANT's Nash weights and step counter
         write_json(tmp / "history.json", {"log": [[s, {k: float(v) for k, v in m.items()}] for s, m in history],
                                            "window": window or {}})
-        write_json(tmp / "state.json", {"step": step, "fingerprint": fingerprint, "code": running(),
-                                         "threads": torch.get_num_threads(),
+        write_json(tmp / "state.json", {"step": step, "fingerprint": fingerprint, **run_context(),
                                          "ema_optimization_step": ema.optimization_step,
                                          "objective": extra() if extra else None})
     saved(f"{path} step {step}")
@@ -272,8 +271,9 @@ def _load_checkpoint(path: Path, fingerprint: str, model: nn.Module, ema, optimi
         return 0
     try:
         state = json.loads(state_file.read_text())
-        why = why_stale({"inputs": state.get("fingerprint"), "code": state.get("code"), "threads": state.get("threads")},
-                        {"inputs": fingerprint, **run_context()})
+        new = run_context()
+        why = why_stale({"inputs": state.get("fingerprint"), **{k: state.get(k) for k in new}},
+                        {"inputs": fingerprint, **new})
         if why:
             print(f"[resume] {path}: checkpoint was made with {why}; starting over")
             shutil.rmtree(path)

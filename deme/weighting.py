@@ -45,3 +45,16 @@ def epsilon_weights(scheme: str, alphas_cumprod: torch.Tensor, *, normalize: boo
     else:  # p2
         w = 1.0 / (h["k"] + snr) ** h["gamma"]
     return w / w.mean() if normalize else w
+
+
+def piecewise_weights(interval_weights, num_timesteps: int = 1000, *, normalize: bool = False) -> torch.Tensor:
+    """w(t) = w_i for t in I_i = [(i-1)T/N, iT/N): the loss weight that merging N interval task vectors with
+    weights w_i amounts to, to first order (docs/paper.md §1.10), float64 [T]."""
+    w = torch.as_tensor([float(x) for x in interval_weights], dtype=torch.float64)
+    n = len(w)
+    if n < 1 or num_timesteps % n:
+        raise ValueError(f"{n} interval weights do not split T={num_timesteps} timesteps evenly")
+    if not torch.isfinite(w).all() or (w < 0).any():
+        raise ValueError(f"interval weights must be finite and >= 0, got {w.tolist()}")
+    w = w.repeat_interleave(num_timesteps // n)
+    return w / w.mean() if normalize and w.sum() > 0 else w

@@ -12,6 +12,7 @@ Single-model methods finetune the pretrained model on all timesteps at a matched
   min_snr, p2, snr_plus_one, trunc_snr     loss reweighting (§2.1, params baselines.<method>)
   ant_uw, ant_nash                         ANT multi-task optimisers over K timestep intervals (§2.2)
   difftuning    Diff-Tuning with the retention buffer of the `buffer` stage, or its KD variant (§6)
+  piecewise     ours, §1.10: the loss weight w(t) = w_i on I_i, with the merge's searched weights of the same seed
 Resumable from .ckpt/ after a crash.
 
 Text-to-image (`--t2i`, docs/paper.md §1.6 SD column): the same objectives on the UNet2DConditionModel, trained on
@@ -38,8 +39,24 @@ def item(args):
     return args.method or f"interval-{args.interval}"
 
 
-def make_objective(cfg, method, paths):
-    """deme.objectives.for_method, with Diff-Tuning's retention buffer read from the buffer stage's output."""
+def merge_weights(cfg, paths, seeds: int) -> list[list[float]]:
+    """The merge stage's searched weights, one list of N per training seed (metrics/<profile>/merge.json)."""
+    from deme.io import read_json
+
+    path = paths.metrics("merge")
+    if not path.is_file():
+        raise StageError(f"{path} is missing: the piecewise control trains on the merge's weights (dvc repro merge)")
+    weights = read_json(path).get("weights")
+    if not isinstance(weights, list) or len(weights) < seeds or any(
+            not isinstance(w, list) or len(w) != cfg.deme.n for w in weights[:seeds]):
+        raise StageError(f"{path}: 'weights' must hold {seeds} lists of {cfg.deme.n} merge weights (one per seed), "
+                         f"got {weights!r}: dvc repro merge")
+    return [[float(x) for x in w] for w in weights[:seeds]]
+
+
+def make_objective(cfg, method, paths, weights=None):
+    """deme.objectives.for_method, with Diff-Tuning's retention buffer read from the buffer stage's output
+    (``weights``: the piecewise control's merge weights)."""
     from deme.objectives import for_method
 
     buffer = None
@@ -50,7 +67,7 @@ def make_objective(cfg, method, paths):
         if len(buffer) != cfg.baselines.difftuning.buffer_size:
             raise StageError(f"{paths.buffer} holds {len(buffer)} images, params say "
                              f"{cfg.baselines.difftuning.buffer_size}: dvc repro buffer")
-    return for_method(cfg, method, buffer)
+    return for_method(cfg, method, buffer, weights)
 
 
 def body(ctx):
@@ -61,7 +78,7 @@ def body(ctx):
     from deme.data import load_images
     from deme.io import derive_seed, write_json
     from deme.models import count_parameters, frozen_teacher, load_pretrained, save_model
-    from deme.methods import method_seeds
+    from deme.methods import AFTER_MERGE, method_seeds
     from deme.paths import Paths
     from deme.projection import add_channel_projection
     from deme.resume import content_id, state_digest
@@ -88,6 +105,11 @@ def body(ctx):
         name, budget = args.method, dataclasses.replace(cfg.finetune, iterations=cfg.finetune.iterations * d.n)
         runs = [(s, paths.method(name) / f"seed-{s}") for s in range(method_seeds(cfg, name))]
         meta = {"method": name, "interval": None}
+        searched = merge_weights(cfg, paths, len(runs)) if name in AFTER_MERGE else [None] * len(runs)
+        if name in AFTER_MERGE:
+            ctx.note("loss weight w(t) = w_i on I_i, the merge's weights: " +
+                     "; ".join(f"seed {s}: {[round(x, 4) for x in w]}" for s, w in enumerate(searched)))
+            ctx.run.log_params({f"merge_weights_seed_{s}": w for s, w in enumerate(searched)})
         key = [settings["finetune"], settings["baselines"].get(name), d.n]
         ctx.note(f"{name}: all timesteps, {budget.iterations} iterations (= {d.n} x {cfg.finetune.iterations}), "
                  f"{len(runs)} seed(s)")
@@ -96,6 +118,7 @@ def body(ctx):
         if i not in d.intervals:
             raise StageError(f"--interval {i} is not in deme.intervals {d.intervals}")
         name, budget, runs = f"interval-{i}", cfg.finetune, [(s, paths.interval(i, s)) for s in range(d.seeds)]
+        searched = [None] * len(runs)
         lo, hi = interval_bounds(i, d.n, T)
         meta = {"method": "deme", "interval": i, "bounds": [lo, hi], "N": d.n}
         key = [settings["finetune"], settings["deme"]]
@@ -109,7 +132,7 @@ def body(ctx):
     for s, out in runs:
         model = load_pretrained(cfg)
         if args.method:
-            objective = make_objective(cfg, name, paths)
+            objective = make_objective(cfg, name, paths, searched[s])
         else:
             if d.channel_projection:
                 add_channel_projection(model)
@@ -122,13 +145,14 @@ def body(ctx):
         log = curve if not s else None  # curves of the first seed
         t0 = time.perf_counter()
         model = train(model, objective, images, budget, seed=seed, device=ctx.device, ckpt_dir=ckpt, log=log,
-                      desc=f"finetune@{label}", fingerprint=json.dumps([key, name, s, seed, inputs]),
+                      desc=f"finetune@{label}", fingerprint=json.dumps([key, name, s, seed, inputs, searched[s]]),
                       evaluate=evaluate if not s else None, channels_last=cfg.runtime.channels_last,
                       compile=cfg.runtime.compile, condition=condition)
         walls.append(time.perf_counter() - t0)
         if not ctx.is_main:  # the other processes of `accelerate launch` only train
             continue
-        save_model(model, out, cfg, seed=seed, steps=budget.iterations, **meta, seed_index=s)
+        extra = {"loss_weights": searched[s]} if searched[s] else {}
+        save_model(model, out, cfg, seed=seed, steps=budget.iterations, **meta, seed_index=s, **extra)
         clear_checkpoint(ckpt)
         losses.append(next((r["loss_eps"] for r in reversed(curve.rows) if "loss_eps" in r), float("nan")))
         ctx.wrote(out)

@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deme.cli import run_stage  # noqa: E402
+from deme.methods import METHODS  # noqa: E402
 
 
 def t2i_report(ctx):
@@ -49,8 +50,8 @@ def t2i_report(ctx):
     summ = summary(metrics, prof, "t2i")
     with atomic_dir(out_dir) as tmp:
         prompts = pre.get("grid_prompts", [])
-        short = {"pretrained": "Pretrained", "plain": "Plain", "difftuning": "Diff-Tuning",
-                 "ensemble": "DeMe ensemble", "merged": "DeMe merged"}
+        short = {"pretrained": "Pretrained", "ensemble": "DeMe ensemble", "merged": "DeMe merged",
+                 **{m.name: m.short for m in METHODS}}
         models = [(k, short.get(k, label)) for k, label, _ in TABLE2_ROWS]
         glance = [f for f in (figures.fid_chart(summ, tmp / "fid.png", "coco_fid", "COCO FID"),
                               figures.fid_chart(summ, tmp / "clip.png", "coco_clip", "COCO CLIP score (higher is "

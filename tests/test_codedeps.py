@@ -14,15 +14,17 @@ def test_every_stage_lists_exactly_its_import_closure(dvc_file):
 
 
 @pytest.mark.parametrize("dvc_file", codedeps.DVC_FILES)
-def test_every_computing_stage_depends_on_the_thread_count(dvc_file):
-    """On CPU a training step's floats depend on torch's intra-op thread count (runtime.num_threads, set by
-    deme/cli.py for every stage): every stage that computes with torch lists it, so changing it reruns them."""
+@pytest.mark.parametrize("setting", ["runtime.num_threads", "runtime.cpu_kernels"])
+def test_every_computing_stage_depends_on_the_thread_count_and_kernels(dvc_file, setting):
+    """On CPU a training step's floats depend on torch's intra-op thread count (runtime.num_threads) and on its
+    CPU kernels (runtime.cpu_kernels, deme/numerics.py), both set by deme/cli.py for every stage: every stage
+    that computes with torch lists them, so changing one reruns them."""
     import yaml
 
     stages = yaml.safe_load((codedeps.ROOT / dvc_file).read_text())["stages"]
     reads_metrics_only = {"validate", "report", "t2i_report", "sweep_report"}
     missing = [name for name, body in stages.items() if name not in reads_metrics_only
-               and ("t2i." if name.startswith("t2i_") else "") + "runtime.num_threads"
+               and ("t2i." if name.startswith("t2i_") else "") + setting
                not in (body.get("do") or body).get("params", [])]
     assert not missing
 

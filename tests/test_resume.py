@@ -283,7 +283,7 @@ def test_truncated_model_file_is_one_clear_line(tmp_path):
 # ---------------------------------------------------------------------------------------------- what a resume covers
 
 
-@pytest.mark.parametrize("change", ["settings", "code", "threads"])
+@pytest.mark.parametrize("change", ["settings", "code", "threads", "kernels"])
 def test_a_training_checkpoint_resumes_only_with_the_same_settings_and_code(tmp_path, monkeypatch, capsys, change):
     """The checkpoint records the settings' fingerprint, the digest of the stage's code closure
     (deme/codedeps.py) and the thread count; any one changed: the stage starts over and says why; none: it
@@ -302,12 +302,13 @@ def test_a_training_checkpoint_resumes_only_with_the_same_settings_and_code(tmp_
     threads = torch.get_num_threads()
     if change == "threads":
         torch.set_num_threads(threads + 1)
+    if change == "kernels":
+        monkeypatch.setattr("deme.numerics.cpu_kernels", lambda: "AVX512/another-CPU")
     try:
         assert _load_checkpoint(tmp_path / "ck", "fp2" if change == "settings" else "fp", *parts()) == 0
     finally:
         torch.set_num_threads(threads)
-    assert {"settings": "other settings", "code": "other code", "threads": "runtime.num_threads"}[change] in \
-        capsys.readouterr().out
+    assert WHY[change] in capsys.readouterr().out
     assert not (tmp_path / "ck").exists()
 
 
@@ -370,7 +371,8 @@ def test_stats_id_sees_every_reference_number():
     assert stats_id(None) is None
 
 
-WHY = {"settings": "other settings or inputs", "code": "other code", "threads": "runtime.num_threads"}
+WHY = {"settings": "other settings or inputs", "code": "other code", "threads": "runtime.num_threads",
+       "kernels": "runtime.cpu_kernels"}
 
 
 def _changed(change, monkeypatch):
@@ -379,6 +381,8 @@ def _changed(change, monkeypatch):
         monkeypatch.setattr("deme.codedeps.running", lambda: "code-b")
     if change == "threads":
         torch.set_num_threads(torch.get_num_threads() + 1)
+    if change == "kernels":
+        monkeypatch.setattr("deme.numerics.cpu_kernels", lambda: "AVX512/another-CPU")
     return {"a": 2} if change == "settings" else {"a": 1}
 
 

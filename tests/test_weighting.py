@@ -11,6 +11,7 @@ from deme.config import BaselinesConfig, ScheduleConfig
 from deme.objectives import EpsObjective
 from deme.schedule import alphas_cumprod, sample_timesteps
 from deme.train import to_model_range
+from deme import weighting
 from deme.weighting import SCHEMES, epsilon_weights
 
 DDPM = ScheduleConfig()
@@ -384,3 +385,15 @@ def test_weights_combine_with_consistency_term(ab32, x0):
     assert float(terms["loss_consistency"]) > 0
     expected = float(weighted.detach()) + 2.0 * float(terms["loss_consistency"])
     assert float(both.detach()) == pytest.approx(expected, rel=1e-6)
+
+
+def test_piecewise_weights_are_constant_on_each_interval():
+    w = weighting.piecewise_weights([0.0, 1.5, 0.5, 1.0], 1000)
+    assert w.shape == (1000,) and w.dtype == torch.float64
+    assert w[:250].eq(0.0).all() and w[250:500].eq(1.5).all() and w[500:750].eq(0.5).all() and w[750:].eq(1.0).all()
+    assert torch.allclose(weighting.piecewise_weights([1.0, 3.0], 1000, normalize=True).mean(),
+                          torch.tensor(1.0, dtype=torch.float64))
+    assert weighting.piecewise_weights([0.0, 0.0], 1000, normalize=True).eq(0).all()  # nothing to rescale
+    for bad in ([1.0, 2.0, 3.0], [], [1.0, float("nan")], [-0.5, 1.0]):  # 3 does not divide 1000
+        with pytest.raises(ValueError):
+            weighting.piecewise_weights(bad, 1000)

@@ -13,7 +13,10 @@ from deme.methods import METHODS
 from deme.metrics.fid import Stats
 from deme.stats import Estimate, difference, verdict
 
-BASELINE_LABELS = {m.name: m.short for m in METHODS if m.family != "plain"}
+BASELINE_LABELS = {m.name: m.short for m in METHODS if m.in_paper or m.family == "difftuning"}
+# ours: a question the paper's supplementary §7.2 raises (docs/paper.md §1.10), not an ordering it reports
+PIECEWISE_CLAIM = ("merged", "piecewise", "DeMe merged beats one model trained with its searched weights as a "
+                   "piecewise loss weight (ours: does decoupling add more than the reweighting of §1.10?)")
 
 
 def row_features(paths, key: str, bench: str = "") -> list[np.ndarray] | None:
@@ -47,6 +50,7 @@ def orderings(cfg, paths, bench: str = "") -> list[dict]:
              ("merged", "plain", "DeMe merged beats plain finetuning at the matched budget (the control)")]
     pairs += [("merged", k, f"DeMe merged beats {label} at the matched budget ({table})")
               for k, label in BASELINE_LABELS.items()]
+    pairs.append(PIECEWISE_CLAIM)
     mode = cfg.fid.modes[0]
     rows = []
     for a, b, claim in pairs:

@@ -117,7 +117,7 @@ def paper_only_rows(table: str = "table1") -> str:
 
 
 # Table 2 (docs/paper.md §3.2): the text-to-image rows, in the paper's order, and its metric columns.
-TABLE2_ORDER = ("plain", "snr_plus_one", "trunc_snr", "min_snr", "p2", "ant_nash", "ant_uw", "difftuning")
+TABLE2_ORDER = ("plain", "snr_plus_one", "trunc_snr", "min_snr", "p2", "ant_nash", "ant_uw", "difftuning", "piecewise")
 TABLE2_ROWS = [
     ("pretrained", "Pretrained (before finetuning)", "pretrained"),
     *((k, BY_NAME[k].label + (" (KD)" if k == "difftuning" else ""), k if BY_NAME[k].in_paper else None)
