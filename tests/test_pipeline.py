@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from deme.methods import SINGLE_MODEL_METHODS
+
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
@@ -139,8 +141,7 @@ def _runs(work: Path, profile: str = "micro") -> list:
 
 def test_repro_writes_measured_metrics_and_report(micro_repo):
     work, _, _ = micro_repo
-    for model in ("pretrained", "plain", "ensemble", "merged", "min_snr", "p2", "snr_plus_one", "trunc_snr",
-                  "ant_uw", "ant_nash", "difftuning"):
+    for model in ("pretrained", "ensemble", "merged", *SINGLE_MODEL_METHODS):
         m = json.loads((work / "metrics/micro/evaluate" / f"{model}.json").read_text())
         assert math.isfinite(m["fid"]) and m["fid"] >= 0, (model, m)
         assert m["num_samples"] == 64 and m["feature_net"] == "featnet"
@@ -161,11 +162,15 @@ def test_repro_writes_measured_metrics_and_report(micro_repo):
     assert len(plain["scale"]) == 2  # the plain control's own weight search, per seed
     for label in ("Min-SNR-γ", "P2 weighting", "SNR+1", "Trun-SNR", "ANT-UW", "ANT-NashMTL", "Diff-Tuning"):
         assert label in report
+    # the piecewise control of seed s trained with seed s's searched merge weights as its loss weight
+    for s, w in enumerate(merge["weights"]):
+        meta = json.loads((work / f"models/micro/baselines/piecewise/seed-{s}/deme.json").read_text())
+        assert meta["loss_weights"] == w and meta["method"] == "piecewise"
+    assert "Piecewise reweighting" in report and "does decoupling add more than the reweighting" in report
     assert (work / "reports/micro/weightings.png").stat().st_size > 0
 
 
-T2I_MODELS = ("pretrained", "plain", "ensemble", "merged", "min_snr", "p2", "snr_plus_one", "trunc_snr", "ant_uw",
-              "ant_nash", "difftuning")
+T2I_MODELS = ("pretrained", "ensemble", "merged", *SINGLE_MODEL_METHODS)
 
 
 def test_text_to_image_pipeline_writes_table2(t2i_repo):
@@ -195,7 +200,7 @@ def test_text_to_image_pipeline_writes_table2(t2i_repo):
     assert (work / "reports/micro_t2i/prompt_grid.png").stat().st_size > 0
     runs = _runs(work, "micro_t2i")
     names = sorted(r.info.run_name for r in runs)
-    single = ["plain", "min_snr", "p2", "snr_plus_one", "trunc_snr", "ant_uw", "ant_nash", "difftuning"]
+    single = list(SINGLE_MODEL_METHODS)
     assert names == sorted(["prepare", "featnet", "clip", "fid_ref", "pretrain", "latents", "finetune@interval-1",
                             "finetune@interval-2", "merge", "report"] + [f"finetune@{m}" for m in single]
                            + [f"evaluate@{m}" for m in T2I_MODELS])
@@ -222,7 +227,7 @@ def test_one_mlflow_run_per_stage_with_tags(micro_repo):
     work, _, _ = micro_repo
     runs = _runs(work)
     names = sorted(r.info.run_name for r in runs)
-    single = ["plain", "min_snr", "p2", "snr_plus_one", "trunc_snr", "ant_uw", "ant_nash", "difftuning"]
+    single = list(SINGLE_MODEL_METHODS)
     analyses = ["gradsim", "activations", "landscape", "plane", "taskvec", "sequence"]
     expected = sorted(["prepare", "featnet", "fid_ref", "pretrain", "finetune@interval-1", "finetune@interval-2",
                        "buffer", "merge", "evaluate@pretrained", "evaluate@ensemble", "evaluate@merged", "report"]
