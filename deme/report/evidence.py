@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from deme.methods import METHODS
+from deme.methods import CONTROLS, METHODS
 from deme.metrics.fid import Stats
 from deme.stats import Estimate, difference, verdict
 
-BASELINE_LABELS = {m.name: m.short for m in METHODS if m.in_paper or m.family == "difftuning"}
+BASELINE_LABELS = {m.name: m.short for m in METHODS if m.name not in CONTROLS}
 # ours: a question the paper's supplementary §7.2 raises (docs/paper.md §1.10), not an ordering it reports
 PIECEWISE_CLAIM = ("merged", "piecewise", "DeMe merged beats one model trained with its searched weights as a "
                    "piecewise loss weight (ours: does decoupling add more than the reweighting of §1.10?)")
