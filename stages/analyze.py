@@ -14,8 +14,9 @@ evaluation set: `analysis.samples` training images (seeded choice) with fixed no
   plane        Fig. 6a: the full-range loss on the plane of two task vectors (all pairs, or I_1 and I_N),
                with theta, theta_a, theta_b and the merged model marked
   taskvec      Fig. 6b and 7: per-module task-vector statistics per interval, the N x N cosine matrix
-               (overall and per module) and the seed noise floor (intervals `analysis.floor_intervals`
-               retrained with another seed)
+               (overall and per module) and the seed noise floor; with `deme.seeds` >= 2 the cosines and
+               norms of every training seed and the floor over every pair of seeds, otherwise the
+               intervals `analysis.floor_intervals` retrained with another seed
   sequence     the reviewers' sequence view: x0 predictions at the end of each interval for the pretrained,
                interval, ensemble and merged models from the same noise
 
@@ -171,15 +172,16 @@ def compute(ctx, what):
         return out, {"loss_theta": float(out["point_loss"][0, 0])}
 
     if what == "taskvec":
-        from deme.analysis.taskvec import compute_cosines, compute_layer_stats
+        from deme.analysis.taskvec import compute_cosines, compute_layer_stats, compute_seed_geometry, seed_pairs
         from deme.sweep import train_interval
 
         base = base_state(cfg).state_dict()
         models = {k: m.state_dict() for k, m in interval_models(cfg, paths).items()}
-        floor = {}
-        if cfg.deme.seeds >= 2:  # the seed floor: each interval's first two training seeds
-            second = interval_models(cfg, paths, seed=1)
-            floor = {k: (models[k], m.state_dict()) for k, m in second.items()}
+        floor, geometry = {}, {}
+        if cfg.deme.seeds >= 2:  # every seed's geometry; the seed floor: every pair of seeds of each interval
+            by_seed = [models] + [{k: m.state_dict() for k, m in interval_models(cfg, paths, seed=s).items()}
+                                  for s in range(1, cfg.deme.seeds)]
+            floor, geometry = seed_pairs(by_seed), compute_seed_geometry(base, by_seed)
         else:  # the same interval trained again with another seed (arXiv 2410.06664, Fig. 7)
             images = load_images(paths.train)
             for i in a.floor_intervals:
@@ -187,7 +189,7 @@ def compute(ctx, what):
                                       seed_tag=("seed", 2), desc=f"interval {i}, second seed (Fig. 7 floor)")
                 floor[f"I{i}"] = (models[f"I{i}"], twin.state_dict())
         bounds = [interval_bounds(i, N, T) for i in cfg.deme.intervals]
-        out = {**compute_layer_stats(base, models, bounds, T), **compute_cosines(base, models, floor)}
+        out = {**compute_layer_stats(base, models, bounds, T), **compute_cosines(base, models, floor), **geometry}
         out["norms"] = np.sqrt((out["l2"] ** 2).sum(1))
         off = out["cos"][~np.eye(N, dtype=bool)] if N > 1 else np.zeros(1)
         return out, {"cos_offdiag_max_abs": float(np.abs(off).max()),

@@ -17,7 +17,8 @@ from deme.analysis.landscape import (compute_landscape, filter_normalized_direct
                                      loss_on_plane, range_losses)
 from deme.analysis.sequence import compute_sequence, ddim_x0_trajectory, interval_end_steps
 from deme.analysis.taskvec import (compute_cosines, compute_layer_stats, compute_planes, layer_groups,
-                                   noise_floor, plane_basis, plane_coords)
+                                   noise_floor, plane_basis, plane_coords, compute_seed_geometry,
+                                   seed_pairs)
 from deme.config import ScheduleConfig
 from deme.merge import flatten, task_vector
 from deme.objectives.deme import add_noise
@@ -244,6 +245,24 @@ def test_task_vector_cosines_known_answers_and_noise_floor():
     assert out["floor"].tolist() == pytest.approx([1.0])
     assert noise_floor(t1, t3, base) == pytest.approx(0.0, abs=1e-12)
     assert out["layer_cos"].shape == (len(out["groups"]), 3, 3)
+
+
+def test_seed_geometry_gives_each_seeds_cosines_and_norms_and_every_seed_pair_as_floor():
+    base = {"w": torch.zeros(2, 3), "b": torch.zeros(3)}
+    e_w, e_b = torch.ones(2, 3), torch.tensor([1.0, -2.0, 0.5])
+    zw, zb = torch.zeros(2, 3), torch.zeros(3)
+    by_seed = [{"I1": {"w": e_w, "b": zb}, "I2": {"w": zw, "b": e_b}},  # orthogonal intervals
+               {"I1": {"w": 2 * e_w, "b": zb}, "I2": {"w": zw, "b": 3 * e_b}},
+               {"I1": {"w": e_w, "b": zb}, "I2": {"w": e_w, "b": zb}}]  # the third seed: parallel
+    out = compute_seed_geometry(base, by_seed)
+    assert out["seed_cos"].shape == (3, 2, 2) and out["seed_norms"].shape == (3, 2)
+    assert out["seed_cos"][:, 0, 1].tolist() == pytest.approx([0.0, 0.0, 1.0])
+    np.testing.assert_allclose(out["seed_norms"][1], [2 * np.sqrt(6), 3 * np.sqrt(5.25)])
+    pairs = seed_pairs(by_seed)
+    assert sorted(pairs) == ["I1 s0-s1", "I1 s0-s2", "I1 s1-s2", "I2 s0-s1", "I2 s0-s2", "I2 s1-s2"]
+    floor = compute_cosines(base, by_seed[0], pairs)
+    assert dict(zip(floor["floor_names"], floor["floor"].round(12))) == {
+        "I1 s0-s1": 1.0, "I1 s0-s2": 1.0, "I1 s1-s2": 1.0, "I2 s0-s1": 1.0, "I2 s0-s2": 0.0, "I2 s1-s2": 0.0}
 
 
 def test_cosine_matrix_of_unet_task_vectors_is_symmetric_with_unit_diagonal():

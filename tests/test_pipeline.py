@@ -283,6 +283,8 @@ def test_analysis_stages_write_data_figures_and_the_report_embeds_them(micro_rep
         assert S.shape == (5, 5) and np.allclose(np.diag(S), 1, atol=1e-5)
     with np.load(work / "analysis/micro/taskvec.npz") as t:
         assert t["cos"].shape == (2, 2) and len(t["floor"]) == 2  # every interval's two training seeds
+        assert t["seed_cos"].shape == (2, 2, 2) and t["seed_norms"].shape == (2, 2)  # the geometry of each seed
+    assert "cross-interval cosine mean per training seed" in report
     assert "Table 4" in report and "claims" in report and "NFEs / image" in report and "images_per_s" in report
     # a figure is redrawn from its npz alone
     png = work / "figures/micro/gradsim/fig1a.png"

@@ -194,6 +194,31 @@ def test_claims_table_verdicts(tmp_path, monkeypatch):
     assert none["Every technique"]["verdict"] == "not resolved at this budget"
 
 
+def test_geometry_claims_rest_on_every_training_seed():
+    """With every seed's geometry, each seed is one draw: the mean cross-interval cosine per seed against the
+    floor over every pair of seeds, and the high-minus-low norm gap per seed (t over seeds)."""
+    import numpy as np
+
+    from deme.report.claims import _geometry_claims
+
+    bounds = np.array([[0, 250], [250, 500], [500, 750], [750, 1000]])
+
+    def claims(off, floor, norms):
+        cos = np.stack([np.full((4, 4), c) + (1 - c) * np.eye(4) for c in off])
+        rows = _geometry_claims({"cos": cos[0], "seed_cos": cos, "floor": np.asarray(floor), "intervals": bounds,
+                                 "seed_norms": np.asarray(norms, np.float64), "norms": np.asarray(norms[0])}, 1000)
+        return [(r["verdict"], r["seeds"]) for r in rows]
+
+    larger_high = [[1.0, 1.1, 2.0, 2.1], [0.9, 1.0, 1.9, 2.2], [1.1, 1.0, 2.1, 1.9]]
+    assert claims([0.05, 0.06, 0.04], [0.4, 0.42, 0.38, 0.41], larger_high) == [("holds", 3), ("holds", 3)]
+    larger_low = [n[::-1] for n in larger_high]
+    assert claims([0.6, 0.62, 0.61], [0.2, 0.25, 0.22, 0.21], larger_low) == [("does not hold", 3),
+                                                                             ("does not hold", 3)]
+    # seeds disagree on the sign of the gap: not resolved, even though seed 0 alone shows a clear gap
+    mixed = [[1.0, 1.0, 2.0, 2.0], [2.0, 2.0, 1.0, 1.0], [1.5, 1.5, 1.6, 1.6]]
+    assert claims([0.05, 0.3, 0.6], [0.3, 0.31, 0.29, 0.3], mixed) == [("not resolved at this budget", 3)] * 2
+
+
 @pytest.mark.parametrize("change", ["nothing", "pretrained", "data", "schedule", "threads"])
 def test_a_finished_interval_model_is_reused_only_with_the_same_inputs(tmp_path, monkeypatch, change):
     """The sweep's and the analysis's extra interval models keep their finished weights in .ckpt/ across a

@@ -282,3 +282,26 @@ def compute_cosines(base: State, finetuned: Mapping[str, State],
             "groups": np.asarray(list(groups)), "layer_cos": gram_to_cosine(gram).numpy(),
             "floor_names": np.asarray(floor_names, dtype=str), "floor": np.asarray(floor, dtype=np.float64),
             "floor_layer": np.asarray(floor_layer, dtype=np.float64).reshape(len(floor), len(groups))}
+
+
+def compute_seed_geometry(base: State, by_seed: Sequence[Mapping[str, State]]) -> dict[str, np.ndarray]:
+    """The Fig. 7 cosine matrix and the task-vector norms of every training seed, so that the geometric
+    claims rest on seeds rather than on one run (docs/paper.md §4): ``by_seed[s]`` maps the interval names
+    to seed s's finetuned states (the same names in every seed).
+
+    npz keys: seed_cos [S, N, N] (cosines over all parameters), seed_norms [S, N] (||tau_i||).
+    """
+    cos, norms = [], []
+    for finetuned in by_seed:
+        taus = [task_vector(finetuned[n], base) for n in finetuned]
+        gram = gram_by_group(taus, {"all": list(taus[0])}).sum(0)
+        cos.append(gram_to_cosine(gram).numpy())
+        norms.append(gram.diagonal().sqrt().numpy())
+    return {"seed_cos": np.stack(cos), "seed_norms": np.stack(norms)}
+
+
+def seed_pairs(by_seed: Sequence[Mapping[str, State]]) -> dict[str, tuple[State, State]]:
+    """Every pair of training seeds of every interval, named "<interval> s<a>-s<b>": the seed floor of
+    ``compute_cosines`` (two runs of the same task)."""
+    return {f"{name} s{a}-s{b}": (by_seed[a][name], by_seed[b][name])
+            for name in by_seed[0] for a, b in itertools.combinations(range(len(by_seed)), 2)}

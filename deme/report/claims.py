@@ -4,8 +4,10 @@ interval of the difference lies on the paper's side of zero, *does not hold* whe
 *not resolved at this budget* otherwise (one rule for every report).
 
 - FID claims: paired differences of the evaluation features (deme/report/evidence.py);
-- task-vector orthogonality: cross-interval cosines against their seed floor (two training seeds of the same
-  interval); task-vector magnitudes and gradient agreement: Welch intervals over the measured values;
+- task-vector orthogonality: each training seed's mean cross-interval cosine against the seed floor (two
+  training seeds of the same interval, every pair); task-vector magnitudes: a t-interval over training
+  seeds of the high-minus-low-noise norm gap; with one training seed, Welch intervals over its intervals;
+- gradient agreement (the pretrained model): Welch intervals over the measured pairs of timesteps;
 - a claim without an interval (a one-seed sweep run) is *not resolved*, with the command that measures more.
 """
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 
 from deme.report.evidence import paired
 from deme.report.tables import _read
-from deme.stats import FAILS, HOLDS, UNRESOLVED, mean_difference, verdict
+from deme.stats import FAILS, HOLDS, UNRESOLVED, Estimate, mean_difference, seed_interval, verdict
 
 def _npz(path: Path) -> dict | None:
     try:
@@ -54,6 +56,63 @@ def conflict_fraction(S: np.ndarray, timesteps: np.ndarray) -> float:
 
 def _interval(d) -> str:
     return f"{d.value:+.3f}, 95 % interval [{d.lo:+.3f}, {d.hi:+.3f}]"
+
+
+def _off_diagonal_mean(cos: np.ndarray) -> float:
+    return float(cos[np.triu_indices(len(cos), 1)].mean())
+
+
+def _geometry_claims(tv: dict, T: int) -> list[dict]:
+    """Fig. 7 (orthogonality against the seed floor) and Fig. 6b (larger task vectors at high noise).
+
+    With every training seed's geometry (``seed_cos`` [S, N, N], ``seed_norms`` [S, N] from
+    ``deme.analysis.taskvec.compute_seed_geometry``), each seed gives one value: its mean cross-interval
+    cosine (against the floor's cosines, Welch), and its high-minus-low mean norm (t-interval over seeds).
+    Without them (one training seed) the intervals of that seed serve as the draws."""
+    rows = []
+    floor = np.asarray(tv.get("floor", []), np.float64)
+    floor_txt = (f"; the same interval, two training seeds (the floor): mean {floor.mean():.3f} over {floor.size} pairs"
+                 if floor.size else "; no seed floor measured")
+    seed_cos, seed_norms = tv.get("seed_cos"), tv.get("seed_norms")
+    by_seed = seed_cos is not None and len(seed_cos) >= 2
+    if by_seed:
+        per_seed = np.array([_off_diagonal_mean(c) for c in seed_cos])
+        d = mean_difference(per_seed, floor)
+        evidence = ("cross-interval cosine mean per training seed " + ", ".join(f"{v:.3f}" for v in per_seed)
+                    + floor_txt)
+    else:
+        off = tv["cos"][np.triu_indices(len(tv["cos"]), 1)]
+        d = mean_difference(off, floor)
+        evidence = f"cross-interval cosine mean {off.mean():.3f} (largest magnitude {np.abs(off).max():.3f}){floor_txt}"
+    rows.append(dict(claim="Task vectors of different intervals are nearly orthogonal (Fig. 7): less aligned "
+                           "than two seeds of one interval",
+                     evidence=evidence + (f"; difference {_interval(d)}" if d else ""), verdict=verdict(d),
+                     seeds=len(seed_cos) if by_seed else (2 if floor.size else 1)))
+
+    bounds = tv.get("intervals")
+    if bounds is None:
+        return rows
+    high = np.array([lo >= T // 2 for lo, hi in bounds])
+    low = np.array([hi <= T // 2 for lo, hi in bounds])
+    claim = "Task vectors are larger at high noise, t in [T/2, T) (Fig. 6b)"
+    if seed_norms is not None and len(seed_norms) >= 2 and high.any() and low.any():
+        diffs = np.array([n[high].mean() - n[low].mean() for n in seed_norms])
+        m = seed_interval(diffs)
+        d = Estimate(m[0], m[1], m[2], len(diffs), 0, 0.0, float(diffs.std(ddof=1) / np.sqrt(len(diffs))))
+        rows.append(dict(claim=claim, evidence="‖τ_i‖ (I1 … I{}, low to high noise), mean over seeds ".format(len(bounds))
+                         + ", ".join(f"{n:.3f}" for n in seed_norms.mean(0))
+                         + "; high − low per seed " + ", ".join(f"{v:+.3f}" for v in diffs)
+                         + f"; mean {_interval(d)} (t over seeds)", verdict=verdict(d, paper_sign=1),
+                         seeds=len(seed_norms)))
+    elif tv.get("norms") is not None and len(tv["norms"]) >= 2:
+        norms = tv["norms"]
+        d = mean_difference(norms[high], norms[low])
+        rows.append(dict(claim=claim, evidence="‖τ_i‖ = " + ", ".join(f"{n:.3f}" for n in norms)
+                         + f" (I1 … I{len(norms)}, low to high noise)"
+                         + (f"; high − low {_interval(d)} (intervals as draws)" if d else
+                            "; too few intervals per half for an interval"),
+                         verdict=verdict(d, paper_sign=1), seeds=1))
+    return rows
 
 
 def evaluate_claims(cfg, paths, runs: dict[str, dict] | None = None,
@@ -113,33 +172,10 @@ def evaluate_claims(cfg, paths, runs: dict[str, dict] | None = None,
                          evidence=f"no pair of Table 3 runs that differ in one technique only (the `n8_*` runs of {sweep_cmd})",
                          verdict=UNRESOLVED, seeds=0))
 
-    # 5-6. task-vector geometry (Fig. 7, Fig. 6b), against the seed floor
+    # 5-6. task-vector geometry (Fig. 7, Fig. 6b), over the training seeds and against the seed floor
     tv = _npz(paths.analysis("taskvec"))
     if tv is not None and "cos" in tv:
-        cos = tv["cos"]
-        off = cos[np.triu_indices(len(cos), 1)]
-        floor = np.asarray(tv.get("floor", []), np.float64)
-        d = mean_difference(off, floor)
-        floor_txt = (f"; the same interval, two training seeds (the floor): mean {floor.mean():.3f} over {floor.size}"
-                     if floor.size else "; no seed floor measured")
-        rows.append(dict(claim="Task vectors of different intervals are nearly orthogonal (Fig. 7): less aligned "
-                               "than two seeds of one interval",
-                         evidence=f"cross-interval cosine mean {off.mean():.3f} (largest magnitude {np.abs(off).max():.3f})"
-                                  f"{floor_txt}" + (f"; difference {_interval(d)}" if d else ""),
-                         verdict=verdict(d), seeds=2 if floor.size else 1))
-        norms = tv.get("norms")
-        bounds = tv.get("intervals")
-        if norms is not None and bounds is not None and len(norms) >= 2:
-            T = cfg.schedule.num_train_timesteps
-            high = [n for n, (lo, hi) in zip(norms, bounds) if lo >= T // 2]
-            low = [n for n, (lo, hi) in zip(norms, bounds) if hi <= T // 2]
-            d = mean_difference(high, low)
-            rows.append(dict(claim="Task vectors are larger at high noise, t in [T/2, T) (Fig. 6b)",
-                             evidence="‖τ_i‖ = " + ", ".join(f"{n:.3f}" for n in norms)
-                                      + f" (I1 … I{len(norms)}, low to high noise)"
-                                      + (f"; high − low {_interval(d)} (intervals as draws)" if d else
-                                         "; too few intervals per half for an interval"),
-                             verdict=verdict(d, paper_sign=1), seeds=1))
+        rows += _geometry_claims(tv, cfg.schedule.num_train_timesteps)
     else:
         for claim in ("Task vectors are nearly orthogonal (Fig. 7)", "Task vectors are larger at high noise (Fig. 6b)"):
             rows.append(dict(claim=claim, evidence="run `dvc repro analyze@taskvec`", verdict=UNRESOLVED, seeds=0))
@@ -171,6 +207,7 @@ def claims_markdown(cfg, paths, runs: dict[str, dict] | None = None, pretrained_
               "difference lies on the paper's side of zero, *does not hold* when it lies on the other side, and is "
               "*not resolved at this budget* otherwise or when there is no interval (one training seed). FID "
               "differences are paired over the evaluation samples (bootstrap) and carry the training-seed spread; "
-              "the geometric claims use Welch intervals over the measured values (treated as independent draws), "
-              "orthogonality against its seed floor."]
+              "the task-vector claims use one value per training seed (orthogonality against its seed floor, "
+              "Welch; magnitudes, a t-interval over seeds), the gradient claim Welch intervals over the measured "
+              "pairs of timesteps (treated as independent draws)."]
     return "\n".join(lines)
