@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import math
 import re
 import types
@@ -341,10 +342,11 @@ class BaselinesConfig:
 
     def validate(self, k: str, num_train_timesteps: int = 1000) -> None:
         _check(f"{k}.seeds", 1 <= self.seeds <= 100, "must be in [1, 100]")
-        for name in ("min_snr", "p2", "snr_plus_one", "trunc_snr", "difftuning", "piecewise"):
-            getattr(self, name).validate(f"{k}.{name}")
-        for name in ("ant_uw", "ant_nash"):
-            getattr(self, name).validate(f"{k}.{name}", num_train_timesteps)
+        for f in dataclasses.fields(self):  # every method's section (deme/methods.py); those that bound t get T
+            section = getattr(self, f.name)
+            if dataclasses.is_dataclass(section):
+                wants_t = "num_train_timesteps" in inspect.signature(section.validate).parameters
+                section.validate(f"{k}.{f.name}", *([num_train_timesteps] if wants_t else []))
 
 
 @dataclass(frozen=True)
@@ -699,9 +701,10 @@ class BenchmarksConfig:
     (held-out shapes captions, a class-name template, compositional prompts)."""
 
     coco_prompts: str = ""  # BK-SDM mscoco_val2014_30k/metadata.csv (file_name,text), >= coco_count rows
-    coco_images: str = ""  # the val2014 image folder: FID reference = every image, resized to fid_resolution
+    coco_images: str = ""  # the val2014 folder: FID reference = every image but the proxy's, resized to fid_resolution
     coco_count: int = 30_000  # prompts evaluated (the first rows of coco_prompts)
-    # the merge search's FID proxy (coco_proxy_count prompts, disjoint images; merge.proxy_samples of them are
+    # the merge search's FID proxy (coco_proxy_count prompts, disjoint images, which are the search's FID
+    # reference and are left out of the evaluation's; merge.proxy_samples of them are
     # scored); '' = the rows of coco_prompts after the first coco_count
     coco_proxy_prompts: str = ""
     coco_proxy_count: int = 5000

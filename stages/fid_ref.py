@@ -13,7 +13,8 @@ Runs split over processes under `accelerate launch`. Resumable: finished feature
 Text-to-image (`--t2i`, docs/paper.md §3.2, §8.3): one reference per FID benchmark from the prepare stage's
 images at benchmarks.fid_resolution (COCO: all val2014 images; ImageNet: the val images; the tiny stand-ins:
 held-out shapes), stats/<profile>/fid_<bench>_<mode>.npz; the floor is as many training images as the
-benchmark has prompts, when the training images are at that resolution.
+benchmark has prompts, when the training images are at that resolution. The merge search scores against
+stats/<profile>/fid_coco_search_<mode>.npz: the coco_proxy prompts' images, which the COCO reference leaves out.
 """
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ from deme.cli import run_stage  # noqa: E402
 
 
 BENCH_FID = ("coco", "imagenet")  # PartiPrompts is CLIP only (docs/paper.md §3.2)
+SEARCH = "coco_search"  # the merge search's COCO reference, disjoint from the evaluation's
 
 
 def shards(ctx, spaces, label, source, images):
@@ -55,8 +57,18 @@ def bench_refs(ctx):
     spaces = feature_spaces(cfg, ctx.device)
     train = load_images(paths.train)
     out = {"benchmarks": list(BENCH_FID), **describe(spaces)}
-    for bench in BENCH_FID:
+    for bench in (*BENCH_FID, SEARCH):
         images = load_images(paths.bench_ref(bench))
+        if bench == SEARCH:  # the merge search's reference: the proxy prompts' images, all of them
+            feats = array_features(images, spaces, cfg.fid.batch_size, desc="merge search reference",
+                                   shards=shards(ctx, spaces, bench, paths.bench_ref(bench), images))
+            if ctx.is_main:
+                out[f"{bench}_num_ref"] = len(images)
+                for mode, space in spaces.items():
+                    Stats.of(feats[mode]).save(paths.bench_stats(bench, mode), **space.describe(),
+                                               reference="the coco_proxy prompts' images (merge search)")
+                    ctx.wrote(paths.bench_stats(bench, mode))
+            continue
         if b.reference_samples and b.reference_samples < len(images):
             rng = np.random.default_rng(derive_seed(cfg.seed, "fid_ref", bench))
             images = images[np.sort(rng.choice(len(images), b.reference_samples, replace=False))]

@@ -8,7 +8,8 @@ plots/<profile>/merge_search.csv and MLflow; scored candidates are kept in .ckpt
 resumes without rescoring.
 
 Text-to-image (`--t2i`): the task vectors of the interval UNets, scored by FID on the COCO prompts of the
-`coco_proxy` set (disjoint from the evaluated 30K; FID-5K on sd14, Appendix A) against the COCO statistics,
+`coco_proxy` set (disjoint from the evaluated 30K; FID-5K on sd14, Appendix A) against the statistics of
+those prompts' own images (stats/<profile>/fid_coco_search_*, left out of the evaluation's COCO reference),
 with the evaluation's sampler and guidance.
 """
 import sys
@@ -35,7 +36,7 @@ def t2i_scorer(ctx, base, vectors, spaces):
                          f"{cfg.merge.proxy_samples}; rerun: dvc repro t2i_prepare")
     seeds = sample_seeds("search", len(prompts), cfg.seed)
     mode = next(iter(spaces))
-    ref = Stats.load(paths.bench_stats("coco", mode))
+    ref = Stats.load(paths.bench_stats("coco_search", mode))  # the proxy prompts' images: disjoint from the evaluation's
 
     def score(w):
         res = sample_prompts(merged_model(base, vectors, w), comps, prompts, seeds, cfg, ctx.device,
@@ -71,7 +72,7 @@ def search_seed(ctx, s, base, spaces, refs):
     seeds = sample_seeds("search", m.proxy_samples, cfg.seed)
     # resumable log of scored candidates, valid only for the same models and search settings
     # what every score depends on: settings, base weights, task vectors, references (t2i: the COCO statistics)
-    reference = stats_id(refs) if refs is not None else content_id(paths.bench_stats("coco", next(iter(spaces))))
+    reference = stats_id(refs) if refs is not None else content_id(paths.bench_stats("coco_search", next(iter(spaces))))
     log = ScoreLog(paths.ckpt("merge") / f"scores-seed{s}.jsonl",
                    json.dumps([cfg.to_dict()["merge"], cfg.to_dict()["sample"], cfg.to_dict()["pipeline"],
                                cfg.to_dict()["schedule"], state_digest(base_state), [state_digest(v) for v in vectors],
@@ -121,7 +122,7 @@ def body(ctx):
     if d.channel_projection:
         add_channel_projection(base)
     spaces = feature_spaces(cfg, ctx.device, headline=True)  # the search is scored in the headline mode
-    # scored against images disjoint from the evaluation's reference (t2i: the COCO stats, t2i_scorer)
+    # scored against images disjoint from the evaluation's reference (t2i: the proxy prompts' images, t2i_scorer)
     refs = load_references(cfg, spaces, search=True) if cfg.task == "image" else None
     t0, results = time.perf_counter(), []
     for s in range(d.seeds):
@@ -142,7 +143,8 @@ def body(ctx):
     write_json(paths.metrics("merge"), {
         "weights": weights, "proxy_fid": [r[2] for r in results], "proxy_fid_pretrained": results[0][3],
         "seeds": d.seeds, "candidates": [len(r[4]) for r in results], "proxy_samples": m.proxy_samples,
-        "search": m.search, "search_reference": "disjoint from the evaluation's (stats/<profile>/fid_search_*)"})
+        "search": m.search, "search_reference": "disjoint from the evaluation's (stats/<profile>/"
+                             + ("fid_coco_search_*)" if cfg.task == "t2i" else "fid_search_*)")})
     ctx.run.log_metrics({"best_proxy_fid": results[0][2], "pretrained_proxy_fid": results[0][3],
                          "wall_s": time.perf_counter() - t0})
     ctx.run.log_params({"merged_weights": weights})

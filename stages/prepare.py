@@ -14,10 +14,11 @@
 
 With --t2i (text-to-image profiles tiny_t2i, micro_t2i, sd14) the stage also writes the zero-shot
 benchmarks of docs/paper.md §3.2 from `benchmarks.*`: the prompt sets prompts/{coco,coco_proxy,imagenet,parti}.json
-(COCO: the first coco_count captions of BK-SDM's metadata.csv, coco_proxy: the next merge.proxy_samples,
+(COCO: the first coco_count captions of BK-SDM's metadata.csv, coco_proxy: the next coco_proxy_count,
 for the merge search; ImageNet: imagenet_template x class names x imagenet_per_class; PartiPrompts: all or
-parti_count) and the FID references bench/{coco,imagenet}.npy at fid_resolution (COCO: all of val2014
-resized, PIL bicubic; ImageNet: val, shorter side resized and center-cropped). The files are checked
+parti_count) and the FID references bench/{coco,coco_search,imagenet}.npy at fid_resolution (COCO: val2014
+resized, PIL bicubic, without the proxy prompts' images, which are the merge search's reference
+coco_search; ImageNet: val, shorter side resized and center-cropped). The files are checked
 before the training data is read: a missing one is one line naming benchmarks.<key> and what to fetch, a
 bad one names the file and line. Shapes profiles write their own stand-ins into bench_src/ (held-out
 captioned shapes, shape x colour class names, compositional rephrasings) and read them back the same way.
@@ -110,7 +111,7 @@ def benchmarks_last(ctx, out, final, src, sets):
         counts = write_benchmarks(ctx.cfg, sets, src, out, final)
     except DataError as e:
         raise StageError(str(e)) from None
-    skipped = counts["prompts_skipped_coco"] + counts["bench_skipped_coco"] + counts["bench_skipped_imagenet"]
+    skipped = counts["prompts_skipped_coco"] + sum(v for k, v in counts.items() if k.startswith("bench_skipped_"))
     if skipped:
         ctx.note(f"skipped {skipped} benchmark rows/images (listed in data/{ctx.cfg.profile}/prompts/coco.json "
                  f"and bench/manifest.json)")
@@ -135,8 +136,9 @@ def body(ctx):
     if cfg.task == "t2i":
         sets = ", ".join(f"{k}: {counts[f'prompts_{k}']}" for k in ("coco", "coco_proxy", "imagenet", "parti"))
         ctx.wrote(paths.prompts("coco").parent, f"{sets} prompts")
-        ctx.wrote(paths.bench_ref("coco").parent, f"FID references: coco {counts['bench_coco']}, imagenet "
-                                                  f"{counts['bench_imagenet']} at {cfg.benchmarks.fid_resolution}px")
+        ctx.wrote(paths.bench_ref("coco").parent, f"FID references: coco {counts['bench_coco']} (the merge search's: "
+                                                  f"{counts['bench_coco_search']}), imagenet {counts['bench_imagenet']} "
+                                                  f"at {cfg.benchmarks.fid_resolution}px")
     grid = paths.samples("data")
     save_grid(load_images(paths.train)[:64], grid, nrow=8, scale=max(1, 64 // cfg.data.resolution))
     ctx.wrote(grid)

@@ -47,7 +47,11 @@ def test_dvc_yaml_runs_and_evaluates_every_method():
     assert _foreach("finetune_baseline") == [m for m in SINGLE_MODEL_METHODS if m not in own_stage]
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     assert all(s in stages for s in own_stage.values())
-    assert _foreach("t2i_finetune_method") == [m for m in SINGLE_MODEL_METHODS if m not in AFTER_MERGE]
+    # text-to-image: Diff-Tuning in its KD form needs no buffer stage; each baseline depends on its own section
+    assert "t2i_finetune_plain" in stages
+    assert _foreach("t2i_finetune_baseline") == [m for m in SINGLE_MODEL_METHODS if m not in ("plain", *AFTER_MERGE)]
+    assert stages["t2i_finetune_baseline"]["do"]["params"][-2:] == ["t2i.baselines.${item}", "t2i.pipeline.caption_dropout"]
+    assert not any(p == "t2i.baselines" for s in stages.values() for p in s.get("params", s.get("do", {}).get("params", [])))
     for m in AFTER_MERGE:  # a method trained on the merge's weights depends on them, in both pipelines
         for stage, prof in ((f"finetune_{m}", "${profile}"), (f"t2i_finetune_{m}", "${t2i.profile}")):
             assert f"metrics/{prof}/merge.json" in stages[stage]["deps"], stage

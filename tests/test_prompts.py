@@ -236,19 +236,27 @@ def test_stage_micro_t2i_writes_prompt_sets_and_references(workdir, monkeypatch,
     sets = {k: P.load_prompt_set(d / "prompts" / f"{k}.json") for k in P.PROMPT_SETS}
     assert {k: s["count"] for k, s in sets.items()} == {"coco": 32, "coco_proxy": 16, "imagenet": 40, "parti": 16}
     assert sets["coco"]["source"] == "data/micro_t2i/bench_src/coco/metadata.csv"
-    assert sets["coco"]["fid_reference"] == sets["coco_proxy"]["fid_reference"] == "data/micro_t2i/bench/coco.npy"
+    assert sets["coco"]["fid_reference"] == "data/micro_t2i/bench/coco.npy"
+    assert sets["coco_proxy"]["fid_reference"] == "data/micro_t2i/bench/coco_search.npy"
     assert sets["parti"]["fid_reference"] is None
     assert not set(sets["coco"]["lines"]) & set(sets["coco_proxy"]["lines"])
     assert sets["imagenet"]["prompts"][0] == "a red circle on a black background"
     coco, imagenet = np.load(d / "bench" / "coco.npy"), np.load(d / "bench" / "imagenet.npy")
-    assert coco.shape == (48, 16, 16, 3) and imagenet.shape == (256, 16, 16, 3)
+    assert coco.shape == (32, 16, 16, 3) and imagenet.shape == (256, 16, 16, 3)
     assert np.array_equal(imagenet, np.load(d / "ref.npy"))  # the held-out images, same size: unchanged
-    assert np.array_equal(coco[0], np.asarray(Image.open(d / "bench_src" / "coco" / "images" / "00000.png")))
+    # the evaluation's COCO reference leaves out the proxy prompts' images; they are the merge search's
+    src = d / "bench_src" / "coco" / "images"
+    image = lambda name: np.asarray(Image.open(src / name))  # noqa: E731
+    search = np.load(d / "bench" / "coco_search.npy")
+    assert search.shape == (16, 16, 16, 3)
+    assert all(np.array_equal(search[k], image(f)) for k, f in enumerate(sets["coco_proxy"]["file_names"]))
+    assert all(np.array_equal(coco[k], image(f)) for k, f in enumerate(sets["coco"]["file_names"]))
     assert len(load_set(d / "train.npy")["captions"]) == 512
     metrics = json.loads(Path("metrics/micro_t2i/data.json").read_text())
     assert metrics["prompts_coco"] == 32 and metrics["bench_imagenet"] == 256 and metrics["bench_skipped_coco"] == 0
     manifest = json.loads((d / "bench" / "manifest.json").read_text())
-    assert manifest["standin"] and manifest["references"]["coco"]["count"] == 48
+    assert manifest["standin"] and manifest["references"]["coco"]["count"] == 32
+    assert manifest["references"]["coco_search"]["count"] == metrics["bench_coco_search"] == 16
     assert "coco_proxy: 16" in capsys.readouterr().out
     # a rerun is byte-identical
     before = tree(d)
@@ -300,7 +308,9 @@ def test_stage_sd14_real_files_and_failure_leaves_previous_data(workdir, monkeyp
     assert json.loads((d / "prompts" / "coco.json").read_text())["prompts"] == ["A photo, number 0."]
     assert json.loads((d / "prompts" / "coco_proxy.json").read_text())["count"] == 16
     assert np.load(d / "bench" / "imagenet.npy").shape == (3, 8, 8, 3)
-    assert np.load(d / "bench" / "coco.npy").shape == (18, 8, 8, 3)
+    # every val2014 image but the 16 proxy prompts' images, which are the merge search's reference
+    assert np.load(d / "bench" / "coco.npy").shape == (2, 8, 8, 3)
+    assert np.load(d / "bench" / "coco_search.npy").shape == (16, 8, 8, 3)
     assert not (d / "bench_src").exists()
     before = tree(d)
     capsys.readouterr()

@@ -356,10 +356,22 @@ def write_reference(source: readers.Source, out: Path, *, resolution: int, trans
             "skipped": skips.items}
 
 
-def folder_reference(folder: Path, out: Path, *, transform: str, label: str = "", **kw) -> dict:
-    """Every image under ``folder`` (recursive, sorted) as a reference .npy."""
-    return write_reference(readers._folder_sources(Path(folder))["train"], out, transform=transform,
-                           where=label or str(folder), **kw)
+def folder_reference(folder: Path, out: Path, *, transform: str, label: str = "", only: set[str] | None = None,
+                     exclude: set[str] = frozenset(), **kw) -> dict:
+    """Every image under ``folder`` (recursive, sorted) as a reference .npy; ``only`` / ``exclude``: file names
+    relative to ``folder`` (posix, as in COCO metadata) to keep / to leave out."""
+    folder = Path(folder)
+    source = readers._folder_sources(folder)["train"]
+    if only is not None or exclude:
+        def keep(name: str) -> bool:
+            rel = Path(name).relative_to(folder).as_posix()
+            return (only is None or rel in only) and rel not in exclude
+        items = [item for item in source[1]() if keep(item[0])]
+        if not items:
+            raise PromptError(f"{label or folder}: no images left for {out.name} (kept {len(only or ())} named, "
+                              f"left out {len(exclude)})")
+        source = (len(items), lambda: iter(items))
+    return write_reference(source, out, transform=transform, where=label or str(folder), **kw)
 
 
 def array_reference(images_npy: Path, out: Path, *, label: str = "", **kw) -> dict:
@@ -512,15 +524,19 @@ def write_benchmarks(cfg, sets: dict[str, dict], src: Sources, data_dir: Path, f
     b, data_dir = cfg.benchmarks, Path(data_dir)
     final_dir = Path(final_dir or data_dir)
     for name, s in sets.items():
-        s["fid_reference"] = str(final_dir / "bench" / f"{name if name != 'coco_proxy' else 'coco'}.npy") \
+        s["fid_reference"] = str(final_dir / "bench" / f"{name if name != 'coco_proxy' else 'coco_search'}.npy") \
             if s["benchmark"] in FID_BENCHMARKS else None
         write_json(data_dir / "prompts" / f"{name}.json", s)
     kw = dict(resolution=b.fid_resolution, samples=b.reference_samples, on_corrupt=cfg.data.on_corrupt,
               progress=progress and not src.standin)
     bench = data_dir / "bench"
-    refs = {"coco": folder_reference(src.paths["coco_images"], bench / "coco.npy", transform="resize",
-                                     label=src.labels["coco_images"], seed=derive_seed(cfg.seed, "bench", "coco"),
-                                     **kw)}
+    # the merge search scores against the proxy prompts' own images, and the evaluation's reference leaves
+    # them out: the search is never tuned on the images it is evaluated against (docs/paper.md §1.8)
+    proxy = set(sets["coco_proxy"]["file_names"])
+    coco_kw = dict(transform="resize", label=src.labels["coco_images"], seed=derive_seed(cfg.seed, "bench", "coco"))
+    refs = {"coco": folder_reference(src.paths["coco_images"], bench / "coco.npy", exclude=proxy, **coco_kw, **kw),
+            "coco_search": folder_reference(src.paths["coco_images"], bench / "coco_search.npy", only=proxy,
+                                            **coco_kw, **{**kw, "samples": 0})}
     ref_kw = dict(label=src.labels["imagenet_images"], seed=derive_seed(cfg.seed, "bench", "imagenet"), **kw)
     refs["imagenet"] = (array_reference(src.paths["imagenet_images"], bench / "imagenet.npy", **ref_kw)
                         if src.standin else
