@@ -105,18 +105,15 @@ def generate(model: nn.Module, seeds: Sequence[int], schedule: ScheduleConfig, s
 
 
 def image_grid(images: np.ndarray | torch.Tensor, nrow: int | None = None) -> np.ndarray:
-    """uint8 [n, C, H, W] or [n, H, W, C] -> one uint8 [rows*H, nrow*W, C] grid with 1-pixel gaps."""
-    images = np.asarray(images)
-    if images.shape[1] in (1, 3) and images.shape[-1] not in (1, 3):
-        images = images.transpose(0, 2, 3, 1)
-    n, h, w, c = images.shape
-    nrow = nrow or int(np.ceil(np.sqrt(n)))
-    rows = int(np.ceil(n / nrow))
-    grid = np.full((rows * (h + 1) + 1, nrow * (w + 1) + 1, c), 255, np.uint8)
-    for i, img in enumerate(images):
-        r, q = divmod(i, nrow)
-        grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + q * (w + 1):1 + q * (w + 1) + w] = img
-    return grid
+    """uint8 [n, C, H, W] or [n, H, W, C] -> one uint8 [H', W', C] grid, ``nrow`` images per row (default
+    ceil(sqrt(n))), 1-pixel white gaps: torchvision's ``make_grid`` (grey images come back as RGB)."""
+    from torchvision.utils import make_grid
+
+    x = torch.as_tensor(np.asarray(images))
+    if not (x.shape[1] in (1, 3) and x.shape[-1] not in (1, 3)):  # NHWC -> NCHW
+        x = x.permute(0, 3, 1, 2)
+    grid = make_grid(x, nrow=nrow or int(np.ceil(np.sqrt(len(x)))), padding=1, pad_value=255)
+    return grid.permute(1, 2, 0).numpy()
 
 
 def save_grid(images, path, nrow: int | None = None, scale: int = 4) -> None:

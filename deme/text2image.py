@@ -437,6 +437,29 @@ def load_prompt_set(paths, bench: str) -> dict:
     return read_json(p)
 
 
+def proxy_fid_scorer(cfg: Config, paths, spaces: dict, device, desc: str = "merge candidate"):
+    """score(unet): its proxy FID on the first merge.proxy_samples coco_proxy prompts with the evaluation's
+    sampler and guidance, against those prompts' own images (stats/<profile>/fid_coco_search_*, left out of the
+    evaluation's COCO reference), in the one mode of ``spaces``. The merge's weight search and the single-model
+    scale search score their candidates theta + sum_i w_i tau_i with it (docs/paper.md §1.8)."""
+    from deme.io import sample_seeds
+    from deme.metrics.fid import Stats, fid_of_features
+
+    comps = load_components(paths.pretrained, device)
+    prompts = load_prompt_set(paths, "coco_proxy")["prompts"][:cfg.merge.proxy_samples]
+    if len(prompts) < cfg.merge.proxy_samples:
+        raise ValueError(f"{paths.prompts('coco_proxy')}: {len(prompts)} proxy prompts, merge.proxy_samples is "
+                         f"{cfg.merge.proxy_samples}; rerun: dvc repro t2i_prepare")
+    seeds = sample_seeds("search", len(prompts), cfg.seed)
+    (mode, space), = spaces.items()
+    ref = Stats.load(paths.bench_stats("coco_search", mode))
+
+    def score(unet: nn.Module) -> float:
+        res = sample_prompts(unet, comps, prompts, seeds, cfg, device, {mode: space}, desc=desc)
+        return fid_of_features(res["features"][mode], ref)
+    return score
+
+
 # ----------------------------------------------------------------------------------------------------
 # The tiny pipeline's autoencoder
 

@@ -70,17 +70,22 @@ class BatchStream:
         return to_model_range(torch.from_numpy(np.ascontiguousarray(self.images[idx.numpy()])))
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of the base LR at optimizer step ``step``: linear warm-up, then constant, cosine to 0, or
-    rsqrt: 1/sqrt(step / lr_warmup) after the warm-up (EDM2, Karras et al. 2024, Eq. 16), which does not depend on
-    ``iterations``, so a longer run repeats a shorter one's steps exactly and its FID-vs-steps curve is one run."""
-    if step < cfg.lr_warmup:
-        return (step + 1) / cfg.lr_warmup
-    if cfg.lr_schedule == "constant":
+def lr_factor(step: int, schedule: str, warmup: int, iterations: int) -> float:
+    """Multiplier of the base LR at optimizer step ``step`` (the one LR schedule of the suite: model training
+    and the CLIP stand-in): linear warm-up (step + 1) / warmup, then constant, cosine to 0 at ``iterations``, or
+    rsqrt: 1/sqrt(step / warmup) (EDM2, Karras et al. 2024, Eq. 16), which does not depend on ``iterations``, so
+    a longer run repeats a shorter one's steps exactly and its FID-vs-steps curve is one run.
+
+    After the warm-up, constant and cosine equal diffusers' ``get_scheduler`` (tests/test_train.py). The suite
+    does not call it: the installed diffusers has no rsqrt schedule, and its warm-up starts at LR 0 (step /
+    warmup), one step behind this one, which would change the published pretraining's steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
         return 1.0
-    if cfg.lr_schedule == "rsqrt":
-        return 1.0 / math.sqrt(max(step / cfg.lr_warmup, 1.0))
-    progress = (step - cfg.lr_warmup) / max(1, cfg.iterations - cfg.lr_warmup)
+    if schedule == "rsqrt":
+        return 1.0 / math.sqrt(max(step / warmup, 1.0))
+    progress = (step - warmup) / max(1, iterations - warmup)
     return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
@@ -110,7 +115,8 @@ def train(model: nn.Module, objective, images, cfg: TrainConfig, *, seed: int,
     params += getattr(objective, "param_groups", lambda: [])()  # e.g. ANT-UW log-variances
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                                   weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.lr_schedule, cfg.lr_warmup, cfg.iterations))
     model.to(acc.device)
     if channels_last and acc.device.type == "cuda":
         model.to(memory_format=torch.channels_last)

@@ -5,7 +5,10 @@ per-image seeds shared by every model, so all models start from the same noise; 
 reference statistics in the profile's feature space. `ensemble` is DeMe before merge: model i serves the
 steps whose timestep lies in interval i (docs/paper.md §1.7). A single-model method trained with several seeds
 (`baselines.seeds`) is evaluated once per seed: the metrics hold the mean, the standard deviation and every
-seed's FID. Writes metrics/<profile>/evaluate/<model>.json and samples/<profile>/<model>.png.
+seed's FID. A single-model method is first moved along its task vector, theta + w tau, with w from the merge's
+search (`merge.scale_search`; proxy FID against the search reference, text-to-image: the COCO proxy prompts
+against their own images), so no row lacks the search DeMe's weights get. Writes
+metrics/<profile>/evaluate/<model>.json and samples/<profile>/<model>.png.
 
 Text-to-image (`--t2i`, docs/paper.md §3.2): the zero-shot benchmarks of Table 2, one image per prompt from
 per-prompt seeds shared by every model, classifier-free guidance t2i.pipeline.guidance_scale with the sampler of
@@ -66,17 +69,24 @@ def scale_search(ctx, name, models, spaces):
     from deme.io import sample_seeds
     from deme.merge import Scorer, merged_model, search, task_vector
     from deme.models import load_pretrained
+    from deme.paths import Paths
+    from deme.text2image import proxy_fid_scorer
 
     cfg = ctx.cfg
     base = load_pretrained(cfg)
     head = {m: spaces[m] for m in list(spaces)[:1]}
-    refs = load_references(cfg, head, search=True)
-    seeds = sample_seeds("search", cfg.merge.proxy_samples, cfg.seed)
+    if cfg.task == "image":
+        refs = load_references(cfg, head, search=True)
+        seeds = sample_seeds("search", cfg.merge.proxy_samples, cfg.seed)
     out, found = [], []
     for k, model in enumerate(models):
         vector = [task_vector(model.state_dict(), base.state_dict())]
-        scorer = Scorer(lambda w: fid_of_model(merged_model(base, vector, w), seeds, cfg, head, refs, ctx.device,
-                                               desc=f"{name} seed {k} scale candidate"))
+        desc = f"{name} seed {k} scale candidate"
+        if cfg.task == "t2i":
+            proxy_fid = proxy_fid_scorer(cfg, Paths(cfg.profile), head, ctx.device, desc)
+        else:
+            proxy_fid = lambda m: fid_of_model(m, seeds, cfg, head, refs, ctx.device, desc=desc)  # noqa: E731
+        scorer = Scorer(lambda w: proxy_fid(merged_model(base, vector, w)))
         best = search(scorer, 1, cfg.merge)
         ctx.note(f"{name} seed {k}: searched scale w = {best[0]:.3f} (proxy FID {scorer.cache[best]:.4f}; "
                  f"w = 1: {scorer.cache.get((1.0,), float('nan')):.4f})")
@@ -126,6 +136,9 @@ def evaluate_t2i(ctx):
     models = load(name, cfg, paths)
     comps = load_components(paths.pretrained, ctx.device)
     spaces = feature_spaces(cfg, ctx.device)
+    scales = None
+    if name in SINGLE_MODEL_METHODS and cfg.merge.scale_search:
+        models, scales = scale_search(ctx, name, models, spaces)
     clip = load_clip(cfg, ctx.device)
     headline = next(iter(spaces))
     sets = {bench: load_prompt_set(paths, bench) for bench in BENCHMARKS}
@@ -181,7 +194,8 @@ def evaluate_t2i(ctx):
                 "sampler": cfg.sample.scheduler_class, "steps": cfg.sample.steps, "guidance_scale": cfg.pipeline.guidance_scale,
                 "sample_precision": cfg.sample.precision, "fid_resolution": cfg.benchmarks.fid_resolution,
                 "models": n_models, "parameters_per_model": count_parameters(models[0]) // n_models,
-                "num_processes": cfg.runtime.num_processes, **describe(spaces), **clip.describe()})
+                "num_processes": cfg.runtime.num_processes, **describe(spaces), **clip.describe(),
+                **({"scale": [w for w, _ in scales], "scale_proxy_fid": [f for _, f in scales]} if scales else {})})
     images_per_s = n_images / wall if n_images else None  # a clock reading: MLflow and the log only
     write_json(paths.metrics("evaluate", name), out)
     grid, row = paths.samples(name), paths.samples(f"{name}-prompts")

@@ -20,31 +20,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from deme.cli import StageError, run_stage  # noqa: E402
 
 
-def t2i_scorer(ctx, base, vectors, spaces):
-    """Proxy FID of a merged text-to-image UNet on the coco_proxy prompts (headline mode)."""
-    from deme.io import sample_seeds
-    from deme.merge import merged_model
-    from deme.metrics.fid import Stats, fid_of_features
-    from deme.paths import Paths
-    from deme.text2image import load_components, load_prompt_set, sample_prompts
-
-    cfg, paths = ctx.cfg, Paths(ctx.cfg.profile)
-    comps = load_components(paths.pretrained, ctx.device)
-    prompts = load_prompt_set(paths, "coco_proxy")["prompts"][:cfg.merge.proxy_samples]
-    if len(prompts) < cfg.merge.proxy_samples:
-        raise StageError(f"{paths.prompts('coco_proxy')}: {len(prompts)} proxy prompts, merge.proxy_samples is "
-                         f"{cfg.merge.proxy_samples}; rerun: dvc repro t2i_prepare")
-    seeds = sample_seeds("search", len(prompts), cfg.seed)
-    mode = next(iter(spaces))
-    ref = Stats.load(paths.bench_stats("coco_search", mode))  # the proxy prompts' images: disjoint from the evaluation's
-
-    def score(w):
-        res = sample_prompts(merged_model(base, vectors, w), comps, prompts, seeds, cfg, ctx.device,
-                             {mode: spaces[mode]}, desc="merge candidate")
-        return fid_of_features(res["features"][mode], ref)
-    return score
-
-
 def search_seed(ctx, s, base, spaces, refs):
     """One training seed: the task vectors of its interval models and the weight search on proxy FID.
     Returns (merged model, best weights, its proxy FID, the pretrained model's proxy FID, scored rows)."""
@@ -56,6 +31,7 @@ def search_seed(ctx, s, base, spaces, refs):
     from deme.models import load_model, model_meta
     from deme.paths import Paths
     from deme.resume import ScoreLog, content_id, state_digest, stats_id
+    from deme.text2image import proxy_fid_scorer
 
     cfg, paths = ctx.cfg, Paths(ctx.cfg.profile)
     d, m = cfg.deme, cfg.merge
@@ -97,7 +73,11 @@ def search_seed(ctx, s, base, spaces, refs):
         return fid_of_model(merged_model(base, vectors, w), seeds, cfg, spaces, refs, ctx.device,
                             desc="merge candidate")
 
-    score = t2i_scorer(ctx, base, vectors, spaces) if cfg.task == "t2i" else image_score
+    if cfg.task == "t2i":
+        proxy_fid = proxy_fid_scorer(cfg, paths, spaces, ctx.device)
+        score = lambda w: proxy_fid(merged_model(base, vectors, w))  # noqa: E731
+    else:
+        score = image_score
     scorer = Scorer(score, cache, on_new)
     pretrained_fid = scorer((0.0,) * d.n, "reference")  # all w = 0 is the pretrained model
     best = search(scorer, d.n, m)
@@ -122,7 +102,8 @@ def body(ctx):
     if d.channel_projection:
         add_channel_projection(base)
     spaces = feature_spaces(cfg, ctx.device, headline=True)  # the search is scored in the headline mode
-    # scored against images disjoint from the evaluation's reference (t2i: the proxy prompts' images, t2i_scorer)
+    # scored against images disjoint from the evaluation's reference (t2i: the proxy prompts' images,
+    # deme.text2image.proxy_fid_scorer)
     refs = load_references(cfg, spaces, search=True) if cfg.task == "image" else None
     t0, results = time.perf_counter(), []
     for s in range(d.seeds):

@@ -195,6 +195,11 @@ def test_text_to_image_pipeline_writes_table2(t2i_repo):
     for key in ("coco_fid", "imagenet_fid", "coco_clip", "parti_clip"):  # every value with its 95 % interval
         assert merged[f"{key}_lo"] <= merged[key] <= merged[f"{key}_hi"], key
     assert f"[{merged['coco_fid_lo']:.2f}, {merged['coco_fid_hi']:.2f}] n=1" in report
+    # the single-model rows get the merge's search on their task vector, scored against the proxy's own images
+    for model in SINGLE_MODEL_METHODS:
+        m = json.loads((work / "metrics/micro_t2i/evaluate" / f"{model}.json").read_text())
+        assert len(m["scale"]) == m["training_seeds"] and all(math.isfinite(f) for f in m["scale_proxy_fid"]), model
+    assert "fid_coco_search" in json.loads((work / "metrics/micro_t2i/merge.json").read_text())["search_reference"]
     assert (work / "features/micro_t2i/merged.npz").exists() and "orderings on this profile (COCO FID)" in report
     assert f"{clip['ranking_accuracy']:.4f}" in report
     assert (work / "reports/micro_t2i/prompt_grid.png").stat().st_size > 0

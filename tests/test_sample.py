@@ -189,6 +189,7 @@ def test_image_grid_shape_and_layout():
     nhwc = image_grid(imgs.transpose(0, 2, 3, 1), nrow=5)
     assert nhwc.shape == (6, 26, 3)
     assert image_grid(torch.as_tensor(imgs), nrow=1).shape == (26, 6, 3)
+    assert np.array_equal(image_grid(imgs[:1]), imgs[0].transpose(1, 2, 0))  # one image: itself (make_grid)
 
 
 def test_save_grid_writes_png(tmp_path):

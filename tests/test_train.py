@@ -360,17 +360,35 @@ def test_batch_stream_rejects_batch_larger_than_dataset():
 def test_lr_factor_constant_cosine_and_warmup():
     from deme.train import lr_factor
 
-    const = TrainConfig(iterations=100)
-    assert [lr_factor(s, const) for s in (0, 50, 99)] == [1.0, 1.0, 1.0]
-    cos = TrainConfig(iterations=100, lr_schedule="cosine")
-    assert lr_factor(0, cos) == 1.0
-    assert lr_factor(50, cos) == pytest.approx(0.5)
-    assert lr_factor(100, cos) == pytest.approx(0.0, abs=1e-12)
-    assert all(lr_factor(s, cos) >= lr_factor(s + 1, cos) for s in range(100))
-    warm = TrainConfig(iterations=100, lr_warmup=10, lr_schedule="cosine")
-    assert lr_factor(0, warm) == pytest.approx(0.1)
-    assert lr_factor(9, warm) == pytest.approx(1.0)
-    assert lr_factor(10, warm) == pytest.approx(1.0)
+    assert [lr_factor(s, "constant", 0, 100) for s in (0, 50, 99)] == [1.0, 1.0, 1.0]
+    assert lr_factor(0, "cosine", 0, 100) == 1.0
+    assert lr_factor(50, "cosine", 0, 100) == pytest.approx(0.5)
+    assert lr_factor(100, "cosine", 0, 100) == pytest.approx(0.0, abs=1e-12)
+    assert all(lr_factor(s, "cosine", 0, 100) >= lr_factor(s + 1, "cosine", 0, 100) for s in range(100))
+    assert lr_factor(0, "cosine", 10, 100) == pytest.approx(0.1)
+    assert lr_factor(9, "cosine", 10, 100) == pytest.approx(1.0)
+    assert lr_factor(10, "cosine", 10, 100) == pytest.approx(1.0)
+    # rsqrt: 1/sqrt(step / warmup) after the warm-up, whatever the run length
+    assert lr_factor(40, "rsqrt", 10, 100) == pytest.approx(0.5)
+    assert lr_factor(40, "rsqrt", 10, 100) == lr_factor(40, "rsqrt", 10, 10_000)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_lr_factor_is_diffusers_get_scheduler_with_the_warmup_one_step_ahead(schedule):
+    """The same schedules as diffusers' get_scheduler: equal after the warm-up; during it this one is one step
+    ahead ((step + 1) / warmup against step / warmup), so its first step does not run at LR 0."""
+    from diffusers.optimization import get_scheduler
+
+    from deme.train import lr_factor
+
+    warmup, iterations = 10, 100
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    name = {"constant": "constant_with_warmup", "cosine": "cosine"}[schedule]
+    ref = get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=iterations).lr_lambdas[0]
+    assert [lr_factor(s, schedule, warmup, iterations) for s in range(warmup, iterations + 1)] == \
+        pytest.approx([ref(s) for s in range(warmup, iterations + 1)], abs=1e-12)
+    assert [lr_factor(s, schedule, warmup, iterations) for s in range(warmup - 1)] == \
+        pytest.approx([ref(s + 1) for s in range(warmup - 1)], abs=1e-12)
 
 
 def test_cosine_schedule_resume_equals_uninterrupted(ab, random_images, tmp_path):

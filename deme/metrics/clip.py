@@ -192,18 +192,15 @@ def train_clip(images: np.ndarray, captions: Sequence[str], cfg, seed: int, devi
 def _fit(model, x_all: torch.Tensor, tokens: torch.Tensor, caption_id: torch.Tensor, c, seed: int, log,
          normalise) -> None:
     """The optimisation loop of :func:`train_clip`."""
+    from deme.train import lr_factor
+
     device = x_all.device
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
                             lr=c.lr, betas=(0.9, 0.98), eps=1e-6, foreach=True)
     warmup = max(1, c.iterations // 20)
-
-    def lr_factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, c.iterations - warmup)))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, "cosine", warmup, c.iterations))
 
     g = torch.Generator().manual_seed(derive_seed(seed, "clip", "data"))
     n = len(x_all)
