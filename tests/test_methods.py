@@ -60,6 +60,13 @@ def test_dvc_yaml_runs_and_evaluates_every_method():
         assert _foreach(stage) == ["pretrained", "ensemble", "merged", *SINGLE_MODEL_METHODS]
 
 
+def test_dvc_plots_overlay_lists_every_single_model_method():
+    plots = yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]
+    overlays = {k: v for p in plots if isinstance(p, dict) for k, v in p.items()}
+    for name, prof in (("finetune_loss_eps", "${profile}"), ("t2i_finetune_loss_eps", "${t2i.profile}")):
+        assert overlays[name]["y"] == {f"plots/{prof}/finetune-{m}.csv": "loss_eps" for m in SINGLE_MODEL_METHODS}
+
+
 def test_the_report_has_one_row_and_one_claim_per_method():
     for rows in (TABLE1_ROWS, TABLE2_ROWS):
         keys = [k for k, _, _ in rows]

@@ -228,6 +228,18 @@ def test_every_plot_file_is_one_line_per_run_without_blank_cells(micro_repo, t2i
         assert not df.isna().any().any(), (f, [c for c in df if df[c].isna().any()])
 
 
+def test_dvc_plots_overlay_every_methods_training_curve(micro_repo, t2i_repo):
+    """`dvc plots show` draws one chart per pipeline with one eps-MSE line per single-model method."""
+    for (work, env, _), plot, prof in ((micro_repo, "finetune_loss_eps", "micro"),
+                                       (t2i_repo, "t2i_finetune_loss_eps", "micro_t2i")):
+        out = _run([sys.executable, "-m", "dvc", "plots", "show", "--json"], work, env).stdout
+        shown = json.loads(out[out.index("{"):])
+        assert not [e for e in shown.get("errors", []) if f"plots/{prof}/" in e["source"]], shown["errors"]
+        values = shown["data"][plot][0]["content"]["data"]["values"]
+        assert sorted({v["filename"] for v in values}) == sorted(f"finetune-{m}.csv" for m in SINGLE_MODEL_METHODS)
+        assert all(v["loss_eps"] for v in values)
+
+
 def test_one_mlflow_run_per_stage_with_tags(micro_repo):
     work, _, _ = micro_repo
     runs = _runs(work)
