@@ -25,6 +25,7 @@ Resumable: the models an analysis trains itself resume from their checkpoints, a
 until the npz is written (deme/resume.py).
 """
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -100,117 +101,165 @@ def shards(ctx, what, *models, **more):
     return Shards(Paths(ctx.cfg.profile).ckpt(f"analysis-{what}"), fingerprint, main=ctx.is_main)
 
 
-def compute(ctx, what):
-    """The npz content of one analysis and a few headline numbers for MLflow."""
+@dataclass
+class Inputs:
+    """What every analysis starts from: the config, paths, T, N, the cumulative alphas, the analysis's own
+    seed and the fixed evaluation set (images x0 and their noise)."""
+
+    ctx: object
+    what: str
+    cfg: object
+    paths: object
+    T: int
+    N: int
+    ab: object
+    seed: int
+    x0: object
+    noise: object
+
+    @classmethod
+    def of(cls, ctx, what):
+        from deme.io import derive_seed
+        from deme.paths import Paths
+        from deme.schedule import alphas_cumprod
+
+        cfg, paths = ctx.cfg, Paths(ctx.cfg.profile)
+        return cls(ctx, what, cfg, paths, cfg.schedule.num_train_timesteps, cfg.deme.n,
+                   alphas_cumprod(cfg.schedule).float(), derive_seed(cfg.seed, "analysis", what), *eval_set(cfg, paths))
+
+
+def gradsim(z):
+    import numpy as np
+
+    from deme.analysis.gradsim import compute_gradsim
+    from deme.models import load_pretrained
+    from deme.report.claims import gradient_agreement
+
+    a = z.cfg.analysis
+    ts = np.unique(np.linspace(0, z.T - 1, min(a.gradsim_timesteps, z.T)).round().astype(int))
+    model = load_pretrained(z.cfg)
+    out = compute_gradsim(model, z.x0, z.noise, ts, z.ab, micro_batch=a.batch_size, sketch_dim=a.sketch_dim,
+                          seed=z.seed, progress=True, shards=shards(z.ctx, z.what, model))
+    adj, far = gradient_agreement(out["S"], out["timesteps"])
+    return out, {"cos_adjacent": adj, "cos_distant": far}
+
+
+def activations(z):
     import dataclasses
 
     import numpy as np
     import torch
 
+    from deme.analysis.activations import compute_activations
     from deme.data import load_images
-    from deme.io import derive_seed
     from deme.models import load_pretrained
-    from deme.paths import Paths
-    from deme.schedule import alphas_cumprod, interval_bounds
+    from deme.schedule import interval_bounds
+    from deme.sweep import train_interval
 
-    cfg, paths, a = ctx.cfg, Paths(ctx.cfg.profile), ctx.cfg.analysis
-    T, N = cfg.schedule.num_train_timesteps, cfg.deme.n
-    ab = alphas_cumprod(cfg.schedule).float()
-    seed = derive_seed(cfg.seed, "analysis", what)
-    x0, noise = eval_set(cfg, paths)
+    cfg, a = z.cfg, z.cfg.analysis
+    i = a.activation_interval or z.N
+    nocp = dataclasses.replace(cfg, deme=dataclasses.replace(cfg.deme, channel_projection=False))
+    post = train_interval(nocp, i, load_images(z.paths.train), z.ctx.device, z.paths.ckpt(extra_models(cfg, z.what)[0]),
+                          desc=f"interval {i} without CP (Fig. 2)")
+    lo, hi = interval_bounds(i, z.N, z.T)
+    t = torch.randint(lo, hi, (len(z.x0),), generator=torch.Generator().manual_seed(z.seed))
+    out = compute_activations(load_pretrained(cfg), post, z.x0, z.noise, t, z.ab, micro_batch=a.batch_size,
+                              seed=z.seed)
+    out["interval"] = np.asarray([lo, hi])
+    return out, {"delta_channel_median": float(np.median(out["da"])),
+                 "delta_spatial_median": float(np.median(out["ds"]))}
 
-    if what == "gradsim":
-        from deme.analysis.gradsim import compute_gradsim
-        from deme.report.claims import gradient_agreement
 
-        ts = np.unique(np.linspace(0, T - 1, min(a.gradsim_timesteps, T)).round().astype(int))
-        model = load_pretrained(cfg)
-        out = compute_gradsim(model, x0, noise, ts, ab, micro_batch=a.batch_size, sketch_dim=a.sketch_dim,
-                              seed=seed, progress=True, shards=shards(ctx, what, model))
-        adj, far = gradient_agreement(out["S"], out["timesteps"])
-        return out, {"cos_adjacent": adj, "cos_distant": far}
+def landscape(z):
+    from deme.analysis.landscape import compute_landscape
+    from deme.models import load_pretrained
+    from deme.schedule import interval_bounds
 
-    if what == "activations":
-        from deme.analysis.activations import compute_activations
-        from deme.sweep import train_interval
+    a = z.cfg.analysis
+    ranges = [(0, z.T)] + [interval_bounds(i, z.N, z.T) for i in z.cfg.deme.intervals]
+    model = load_pretrained(z.cfg)
+    out = compute_landscape(model, z.x0, z.noise, ranges, z.ab, grid=a.landscape_grid, span=a.landscape_span,
+                            t_draws=a.t_draws, seed=z.seed, micro_batch=a.batch_size, progress=True,
+                            shards=shards(z.ctx, z.what, model, ranges=ranges))
+    return out, {f"origin_loss_{lo}_{hi}": float(v) for (lo, hi), v in zip(ranges, out["origin_loss"])}
 
-        i = a.activation_interval or N
-        nocp = dataclasses.replace(cfg, deme=dataclasses.replace(cfg.deme, channel_projection=False))
-        post = train_interval(nocp, i, load_images(paths.train), ctx.device, paths.ckpt(extra_models(cfg, what)[0]),
-                              desc=f"interval {i} without CP (Fig. 2)")
-        lo, hi = interval_bounds(i, N, T)
-        t = torch.randint(lo, hi, (len(x0),), generator=torch.Generator().manual_seed(seed))
-        out = compute_activations(load_pretrained(cfg), post, x0, noise, t, ab, micro_batch=a.batch_size, seed=seed)
-        out["interval"] = np.asarray([lo, hi])
-        return out, {"delta_channel_median": float(np.median(out["da"])),
-                     "delta_spatial_median": float(np.median(out["ds"]))}
 
-    if what == "landscape":
-        from deme.analysis.landscape import compute_landscape
+def plane(z):
+    from deme.analysis.landscape import range_losses
+    from deme.analysis.taskvec import compute_planes
 
-        ranges = [(0, T)] + [interval_bounds(i, N, T) for i in cfg.deme.intervals]
-        model = load_pretrained(cfg)
-        out = compute_landscape(model, x0, noise, ranges, ab, grid=a.landscape_grid, span=a.landscape_span,
-                                t_draws=a.t_draws, seed=seed, micro_batch=a.batch_size, progress=True,
-                                shards=shards(ctx, what, model, ranges=ranges))
-        return out, {f"origin_loss_{lo}_{hi}": float(v) for (lo, hi), v in zip(ranges, out["origin_loss"])}
+    a = z.cfg.analysis
+    base = base_state(z.cfg)
+    models = interval_models(z.cfg, z.paths)
+    loss_fn, _ = range_losses(z.x0, z.noise, [(0, z.T)], z.ab, t_draws=a.t_draws, seed=z.seed,
+                              micro_batch=a.batch_size)
+    pairs = None if a.plane_pairs == "all" else [(0, z.N - 1)]
+    theta = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    weights = merge_weights(z.paths)
+    out = compute_planes(base, theta, {k: m.state_dict() for k, m in models.items()},
+                         lambda m: float(loss_fn(m)[0]), pairs=pairs, merge_weights=weights,
+                         grid=a.plane_grid, margin=a.plane_margin, progress=True,
+                         shards=shards(z.ctx, z.what, base, *models.values(), weights=weights))
+    return out, {"loss_theta": float(out["point_loss"][0, 0])}
 
-    if what == "plane":
-        from deme.analysis.landscape import range_losses
-        from deme.analysis.taskvec import compute_planes
 
-        base = base_state(cfg)
-        models = interval_models(cfg, paths)
-        loss_fn, _ = range_losses(x0, noise, [(0, T)], ab, t_draws=a.t_draws, seed=seed, micro_batch=a.batch_size)
-        pairs = None if a.plane_pairs == "all" else [(0, N - 1)]
-        theta = {k: v.detach().clone() for k, v in base.state_dict().items()}
-        weights = merge_weights(paths)
-        out = compute_planes(base, theta, {k: m.state_dict() for k, m in models.items()},
-                             lambda m: float(loss_fn(m)[0]), pairs=pairs, merge_weights=weights,
-                             grid=a.plane_grid, margin=a.plane_margin, progress=True,
-                             shards=shards(ctx, what, base, *models.values(), weights=weights))
-        return out, {"loss_theta": float(out["point_loss"][0, 0])}
+def taskvec(z):
+    import numpy as np
 
-    if what == "taskvec":
-        from deme.analysis.taskvec import compute_cosines, compute_layer_stats, compute_seed_geometry, seed_pairs
-        from deme.sweep import train_interval
+    from deme.analysis.taskvec import compute_cosines, compute_layer_stats, compute_seed_geometry, seed_pairs
+    from deme.data import load_images
+    from deme.schedule import interval_bounds
+    from deme.sweep import train_interval
 
-        base = base_state(cfg).state_dict()
-        models = {k: m.state_dict() for k, m in interval_models(cfg, paths).items()}
-        floor, geometry = {}, {}
-        if cfg.deme.seeds >= 2:  # every seed's geometry; the seed floor: every pair of seeds of each interval
-            by_seed = [models] + [{k: m.state_dict() for k, m in interval_models(cfg, paths, seed=s).items()}
-                                  for s in range(1, cfg.deme.seeds)]
-            floor, geometry = seed_pairs(by_seed), compute_seed_geometry(base, by_seed)
-        else:  # the same interval trained again with another seed (arXiv 2410.06664, Fig. 7)
-            images = load_images(paths.train)
-            for i in a.floor_intervals:
-                twin = train_interval(cfg, i, images, ctx.device, paths.ckpt(f"analysis-seed2-{i}"),
-                                      seed_tag=("seed", 2), desc=f"interval {i}, second seed (Fig. 7 floor)")
-                floor[f"I{i}"] = (models[f"I{i}"], twin.state_dict())
-        bounds = [interval_bounds(i, N, T) for i in cfg.deme.intervals]
-        out = {**compute_layer_stats(base, models, bounds, T), **compute_cosines(base, models, floor), **geometry}
-        out["norms"] = np.sqrt((out["l2"] ** 2).sum(1))
-        off = out["cos"][~np.eye(N, dtype=bool)] if N > 1 else np.zeros(1)
-        return out, {"cos_offdiag_max_abs": float(np.abs(off).max()),
-                     **({"cos_seed_floor": float(np.mean(out["floor"]))} if len(out["floor"]) else {})}
+    cfg, N = z.cfg, z.N
+    base = base_state(cfg).state_dict()
+    models = {k: m.state_dict() for k, m in interval_models(cfg, z.paths).items()}
+    floor, geometry = {}, {}
+    if cfg.deme.seeds >= 2:  # every seed's geometry; the seed floor: every pair of seeds of each interval
+        by_seed = [models] + [{k: m.state_dict() for k, m in interval_models(cfg, z.paths, seed=s).items()}
+                              for s in range(1, cfg.deme.seeds)]
+        floor, geometry = seed_pairs(by_seed), compute_seed_geometry(base, by_seed)
+    else:  # the same interval trained again with another seed (arXiv 2410.06664, Fig. 7)
+        images = load_images(z.paths.train)
+        for i in cfg.analysis.floor_intervals:
+            twin = train_interval(cfg, i, images, z.ctx.device, z.paths.ckpt(f"analysis-seed2-{i}"),
+                                  seed_tag=("seed", 2), desc=f"interval {i}, second seed (Fig. 7 floor)")
+            floor[f"I{i}"] = (models[f"I{i}"], twin.state_dict())
+    bounds = [interval_bounds(i, N, z.T) for i in cfg.deme.intervals]
+    out = {**compute_layer_stats(base, models, bounds, z.T), **compute_cosines(base, models, floor), **geometry}
+    out["norms"] = np.sqrt((out["l2"] ** 2).sum(1))
+    off = out["cos"][~np.eye(N, dtype=bool)] if N > 1 else np.zeros(1)
+    return out, {"cos_offdiag_max_abs": float(np.abs(off).max()),
+                 **({"cos_seed_floor": float(np.mean(out["floor"]))} if len(out["floor"]) else {})}
 
-    if what == "sequence":
-        from deme.analysis.sequence import compute_sequence
-        from deme.io import sample_seeds
-        from deme.merge import merged_model, task_vector
-        from deme.sample import Ensemble, initial_noise
 
-        models = interval_models(cfg, paths)
-        base = base_state(cfg)
-        vectors = [task_vector(m.state_dict(), base.state_dict()) for m in models.values()]
-        named = {"pretrained": load_pretrained(cfg), **models, "ensemble": Ensemble(list(models.values()), T),
-                 "merged": merged_model(base, vectors, merge_weights(paths))}
-        z = initial_noise(sample_seeds("analysis", a.sequence_samples, cfg.seed),
-                          (3, cfg.data.resolution, cfg.data.resolution))
-        out = compute_sequence(named, z, cfg.schedule, steps=cfg.sample.steps, n_intervals=N)
-        return out, {}
-    raise StageError(f"unknown analysis {what!r}")
+def sequence(z):
+    from deme.analysis.sequence import compute_sequence
+    from deme.io import sample_seeds
+    from deme.merge import merged_model, task_vector
+    from deme.models import load_pretrained
+    from deme.sample import Ensemble, initial_noise
+
+    cfg = z.cfg
+    models = interval_models(cfg, z.paths)
+    base = base_state(cfg)
+    vectors = [task_vector(m.state_dict(), base.state_dict()) for m in models.values()]
+    named = {"pretrained": load_pretrained(cfg), **models, "ensemble": Ensemble(list(models.values()), z.T),
+             "merged": merged_model(base, vectors, merge_weights(z.paths))}
+    z0 = initial_noise(sample_seeds("analysis", cfg.analysis.sequence_samples, cfg.seed),
+                       (3, cfg.data.resolution, cfg.data.resolution))
+    return compute_sequence(named, z0, cfg.schedule, steps=cfg.sample.steps, n_intervals=z.N), {}
+
+
+COMPUTE = {"gradsim": gradsim, "activations": activations, "landscape": landscape, "plane": plane,
+           "taskvec": taskvec, "sequence": sequence}
+
+
+def compute(ctx, what):
+    """The npz content of one analysis and a few headline numbers for MLflow."""
+    if what not in COMPUTE:
+        raise StageError(f"unknown analysis {what!r}")
+    return COMPUTE[what](Inputs.of(ctx, what))
 
 
 def extra_models(cfg, what):
