@@ -346,6 +346,19 @@ def test_separate_coco_proxy_file_must_be_disjoint(workdir, monkeypatch, capsys,
     b["coco_proxy_prompts"] = str(tmp_path / "nope.csv")
     assert run_prepare(monkeypatch, params) == 2
     assert "benchmarks.coco_proxy_prompts" in capsys.readouterr().err
+    # a proxy file of the images the evaluation does not use: they are the search's reference, out of the COCO one
+    rows = Path(meta).read_text().splitlines()
+    proxy = tmp_path / "proxy.csv"
+    proxy.write_text("\n".join([rows[0], *rows[5:]]) + "\n")  # images 4..19: 16 prompts, one per image
+    b["coco_proxy_prompts"] = str(proxy)
+    assert run_prepare(monkeypatch, params) == 0, capsys.readouterr().err
+    d = Path("data/sd14")
+    assert np.load(d / "bench" / "coco_search.npy").shape[0] == 16 and np.load(d / "bench" / "coco.npy").shape[0] == 4
+    # one image twice (another caption of it): the search's reference would shrink; one line with both lines
+    proxy.write_text("\n".join([rows[0], *rows[5:19], rows[6].replace("number 5", "again"), rows[19]]) + "\n")
+    assert run_prepare(monkeypatch, params) == 2
+    err = capsys.readouterr().err
+    assert "line 16: image 'COCO_val2014_000000000005.jpg' again (first at line 3)" in err and "one caption per image" in err
 
 
 def test_the_merge_search_scores_at_most_the_prepared_proxy_prompts():

@@ -203,20 +203,30 @@ def test_geometry_claims_rest_on_every_training_seed():
 
     bounds = np.array([[0, 250], [250, 500], [500, 750], [750, 1000]])
 
-    def claims(off, floor, norms):
+    names = [f"I{i} s{a}-s{b}" for i in (1, 2, 3, 4) for a, b in ((0, 1), (0, 2), (1, 2))]
+
+    def claims(off, floor_by_pair, norms):
         cos = np.stack([np.full((4, 4), c) + (1 - c) * np.eye(4) for c in off])
-        rows = _geometry_claims({"cos": cos[0], "seed_cos": cos, "floor": np.asarray(floor), "intervals": bounds,
-                                 "seed_norms": np.asarray(norms, np.float64), "norms": np.asarray(norms[0])}, 1000)
+        floor = np.tile(floor_by_pair, 4)  # the same floor per seed pair in every interval
+        rows = _geometry_claims({"cos": cos[0], "seed_cos": cos, "floor": floor, "floor_names": np.asarray(names),
+                                 "intervals": bounds, "seed_norms": np.asarray(norms, np.float64),
+                                 "norms": np.asarray(norms[0])}, 1000)
         return [(r["verdict"], r["seeds"]) for r in rows]
 
     larger_high = [[1.0, 1.1, 2.0, 2.1], [0.9, 1.0, 1.9, 2.2], [1.1, 1.0, 2.1, 1.9]]
-    assert claims([0.05, 0.06, 0.04], [0.4, 0.42, 0.38, 0.41], larger_high) == [("holds", 3), ("holds", 3)]
+    assert claims([0.05, 0.06, 0.04], [0.4, 0.42, 0.38], larger_high) == [("holds", 3), ("holds", 3)]
     larger_low = [n[::-1] for n in larger_high]
-    assert claims([0.6, 0.62, 0.61], [0.2, 0.25, 0.22, 0.21], larger_low) == [("does not hold", 3),
-                                                                             ("does not hold", 3)]
-    # seeds disagree on the sign of the gap: not resolved, even though seed 0 alone shows a clear gap
+    assert claims([0.6, 0.62, 0.61], [0.2, 0.25, 0.22], larger_low) == [("does not hold", 3), ("does not hold", 3)]
+    # seeds disagree on the sign: not resolved, even though seed 0 alone shows a clear gap
     mixed = [[1.0, 1.0, 2.0, 2.0], [2.0, 2.0, 1.0, 1.0], [1.5, 1.5, 1.6, 1.6]]
-    assert claims([0.05, 0.3, 0.6], [0.3, 0.31, 0.29, 0.3], mixed) == [("not resolved at this budget", 3)] * 2
+    assert claims([0.05, 0.3, 0.6], [0.3, 0.31, 0.29], mixed) == [("not resolved at this budget", 3)] * 2
+    # the floor counts once per seed, not once per interval: seed 0's pairs are as aligned as its intervals
+    assert claims([0.30, 0.05, 0.06], [0.3, 0.3, 0.06], larger_high)[0] == ("not resolved at this budget", 3)
+    # no spread over seeds: no interval; one interval: no cross-interval cosines
+    same = [[1.0, 1.0, 2.0, 2.0]] * 3
+    assert claims([0.05, 0.05, 0.05], [0.4, 0.4, 0.4], same) == [("not resolved at this budget", 3)] * 2
+    one = _geometry_claims({"cos": np.ones((1, 1)), "floor": np.zeros(0), "intervals": bounds[:1]}, 1000)
+    assert [r["verdict"] for r in one] == ["not resolved at this budget"]
 
 
 @pytest.mark.parametrize("change", ["nothing", "pretrained", "data", "schedule", "threads"])

@@ -5,9 +5,10 @@ naming the file and line (``PromptError``):
 
 - MS-COCO: BK-SDM's ``mscoco_val2014_30k/metadata.csv`` (``file_name,text``, one caption per val2014
   image). The first ``coco_count`` rows are the evaluated prompts (COCO-30K); the next
-  ``coco_proxy_count`` rows are the merge search's FID proxy (docs/paper.md §1.8: disjoint from the
-  evaluated prompts). FID reference: every image of ``coco_images`` (val2014, 40,504 images) resized to
-  ``fid_resolution`` squared with PIL bicubic, as BK-SDM (§8.3).
+  ``coco_proxy_count`` rows (or those of ``coco_proxy_prompts``: one caption per image, images disjoint from
+  the evaluated prompts') are the merge search's FID proxy (docs/paper.md §1.8). FID reference: every image
+  of ``coco_images`` (val2014, 40,504 images) but the proxy prompts' images, resized to ``fid_resolution``
+  squared with PIL bicubic, as BK-SDM (§8.3); the proxy prompts' images are the merge search's reference.
 - ImageNet-1K: the class names (``.txt`` one per line in class-index order, or ``index<TAB>name``), each
   put in ``imagenet_template`` ``imagenet_per_class`` times (§3.2: 1000 x 2). FID reference: the images
   of ``imagenet_images`` (ImageNet val, recursive), shorter side resized then center-cropped (§8.3 [OURS]).
@@ -27,7 +28,7 @@ runs the real code path. Their ImageNet FID reference is the profile's held-out 
 Outputs (written by stages/prepare.py inside the atomic data/<profile>/):
 
     prompts/{coco,coco_proxy,imagenet,parti}.json   one prompt set each (layout: ``prompt_set``)
-    bench/{coco,imagenet}.npy                        uint8 [n, fid_resolution, fid_resolution, 3]
+    bench/{coco,coco_search,imagenet}.npy            uint8 [n, fid_resolution, fid_resolution, 3]
     bench/manifest.json                              per reference: source, counts, sha256, skipped
     bench_src/                                       the stand-in source files (shapes profiles only)
 """
@@ -68,8 +69,8 @@ FETCH = {
                         "repeated names (missile, sunglasses) made unique",
     "imagenet_images": "fetch the ImageNet-1K validation images (ILSVRC2012_img_val.tar, 50,000 images, from "
                        "image-net.org) and extract them there",
-    "coco_proxy_prompts": "make a metadata.csv (file_name,text) of captions of val2014 images that are not in the "
-                          "30K list (from annotations/captions_val2014.json of "
+    "coco_proxy_prompts": "make a metadata.csv (file_name,text) of one caption per val2014 image for images that are "
+                          "not in the 30K list (from annotations/captions_val2014.json of "
                           "http://images.cocodataset.org/annotations/annotations_trainval2014.zip), at least "
                           "benchmarks.coco_proxy_count rows; or set it to '' to take the rows after benchmarks.coco_count "
                           "of benchmarks.coco_prompts",
@@ -494,6 +495,21 @@ def benchmark_sources(cfg, data_dir: Path, final_dir: Path | None = None) -> Sou
     return Sources(paths, True, labels)
 
 
+def check_proxy(coco: dict, proxy: dict, where: str) -> None:
+    """The merge search's proxy prompts: one caption per image (their images are the search's FID reference)
+    and no image of the evaluated prompts (docs/paper.md §1.8); else one line naming the file and line."""
+    first: dict[str, int] = {}
+    for line, name in zip(proxy["lines"], proxy["file_names"]):
+        if name in first:
+            raise PromptError(f"{where} line {line}: image {name!r} again (first at line {first[name]}); the merge "
+                              f"search's reference is the proxy prompts' images, so keep one caption per image")
+        first[name] = line
+    shared = set(coco["file_names"]) & set(first)
+    if shared:
+        raise PromptError(f"{where}: {len(shared)} of its proxy images are also in the evaluated COCO prompts (e.g. "
+                          f"{sorted(shared)[0]}); the proxy must be disjoint from them (docs/paper.md §1.8)")
+
+
 def build_prompt_sets(cfg, src: Sources) -> dict[str, dict]:
     """The four prompt sets from the (validated) source files; nothing is written."""
     b, p, L = cfg.benchmarks, src.paths, src.labels
@@ -503,14 +519,12 @@ def build_prompt_sets(cfg, src: Sources) -> dict[str, dict]:
         path = source_path(b, "coco_proxy_prompts")
         _, proxy = coco_sets(path, 0, cfg.benchmarks.coco_proxy_count, images=p["coco_images"],
                              on_corrupt=cfg.data.on_corrupt, label=str(path))
-        shared = set(coco["file_names"]) & set(proxy["file_names"])
-        if shared:
-            raise PromptError(f"benchmarks.coco_proxy_prompts={path}: {len(shared)} of its images are also in "
-                              f"benchmarks.coco_prompts (e.g. {sorted(shared)[0]}); the proxy must be disjoint "
-                              f"from the evaluated prompts (docs/paper.md §1.8)")
+        where = f"benchmarks.coco_proxy_prompts={path}"
     else:
         coco, proxy = coco_sets(p["coco_prompts"], b.coco_count, cfg.benchmarks.coco_proxy_count, images=p["coco_images"],
                                 on_corrupt=cfg.data.on_corrupt, label=L["coco_prompts"])
+        where = f"benchmarks.coco_prompts={L['coco_prompts']} (the rows after coco_count)"
+    check_proxy(coco, proxy, where)
     return {"coco": coco, "coco_proxy": proxy,
             "imagenet": imagenet_set(p["imagenet_classes"], b.imagenet_template, b.imagenet_per_class,
                                      label=L["imagenet_classes"]),
@@ -519,7 +533,7 @@ def build_prompt_sets(cfg, src: Sources) -> dict[str, dict]:
 
 def write_benchmarks(cfg, sets: dict[str, dict], src: Sources, data_dir: Path, final_dir: Path | None = None,
                      progress: bool = True) -> dict:
-    """prompts/<set>.json, bench/{coco,imagenet}.npy and bench/manifest.json under ``data_dir``; returns
+    """prompts/<set>.json, bench/{coco,coco_search,imagenet}.npy and bench/manifest.json under ``data_dir``; returns
     flat counts for metrics/<profile>/data.json."""
     b, data_dir = cfg.benchmarks, Path(data_dir)
     final_dir = Path(final_dir or data_dir)

@@ -4,14 +4,16 @@ interval of the difference lies on the paper's side of zero, *does not hold* whe
 *not resolved at this budget* otherwise (one rule for every report).
 
 - FID claims: paired differences of the evaluation features (deme/report/evidence.py);
-- task-vector orthogonality: each training seed's mean cross-interval cosine against the seed floor (two
-  training seeds of the same interval, every pair); task-vector magnitudes: a t-interval over training
-  seeds of the high-minus-low-noise norm gap; with one training seed, Welch intervals over its intervals;
+- task-vector orthogonality: a t-interval over training seeds of each seed's mean cross-interval cosine minus
+  the seed floor of the pairs it is in (two training seeds of the same interval); task-vector magnitudes: a
+  t-interval over training seeds of the high-minus-low-noise norm gap; with one training seed, Welch
+  intervals over its intervals;
 - gradient agreement (the pretrained model): Welch intervals over the measured pairs of timesteps;
 - a claim without an interval (a one-seed sweep run) is *not resolved*, with the command that measures more.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -62,32 +64,53 @@ def _off_diagonal_mean(cos: np.ndarray) -> float:
     return float(cos[np.triu_indices(len(cos), 1)].mean())
 
 
+def _over_seeds(diffs: np.ndarray) -> Estimate | None:
+    """The mean of one value per training seed with its t-interval; None for n < 2 or no spread at all (an
+    interval of zero width says nothing about another seed)."""
+    m = seed_interval(diffs)
+    if m is None or not diffs.std(ddof=1) > 0:
+        return None
+    return Estimate(m[0], m[1], m[2], len(diffs), 0, 0.0, float(diffs.std(ddof=1) / np.sqrt(len(diffs))))
+
+
+def _floor_per_seed(names, floor: np.ndarray, seeds: int) -> np.ndarray | None:
+    """Mean floor cosine of the seed pairs ("<interval> s<a>-s<b>", deme.analysis.taskvec.seed_pairs) that
+    include each seed; None when the floor is not over seed pairs."""
+    pairs = [re.fullmatch(r".* s(\d+)-s(\d+)", str(n)) for n in names]
+    if not pairs or not all(pairs):
+        return None
+    return np.array([np.mean([v for m, v in zip(pairs, floor) if s in (int(m[1]), int(m[2]))]) for s in range(seeds)])
+
+
 def _geometry_claims(tv: dict, T: int) -> list[dict]:
     """Fig. 7 (orthogonality against the seed floor) and Fig. 6b (larger task vectors at high noise).
 
     With every training seed's geometry (``seed_cos`` [S, N, N], ``seed_norms`` [S, N] from
-    ``deme.analysis.taskvec.compute_seed_geometry``), each seed gives one value: its mean cross-interval
-    cosine (against the floor's cosines, Welch), and its high-minus-low mean norm (t-interval over seeds).
-    Without them (one training seed) the intervals of that seed serve as the draws."""
+    ``deme.analysis.taskvec.compute_seed_geometry``), each seed gives one value and the interval is a t-interval
+    over seeds: its mean cross-interval cosine minus the mean floor of the seed pairs it is in, and its
+    high-minus-low mean norm. Without them (one training seed) the intervals of that seed serve as the draws
+    (Welch)."""
     rows = []
+    claim = "Task vectors of different intervals are nearly orthogonal (Fig. 7): less aligned than two seeds of one interval"
+    if len(tv["cos"]) < 2:
+        return [dict(claim=claim, evidence="one interval: no cross-interval cosines", verdict=UNRESOLVED, seeds=0)]
     floor = np.asarray(tv.get("floor", []), np.float64)
     floor_txt = (f"; the same interval, two training seeds (the floor): mean {floor.mean():.3f} over {floor.size} pairs"
                  if floor.size else "; no seed floor measured")
     seed_cos, seed_norms = tv.get("seed_cos"), tv.get("seed_norms")
-    by_seed = seed_cos is not None and len(seed_cos) >= 2
-    if by_seed:
+    per_floor = (_floor_per_seed(tv.get("floor_names", []), floor, len(seed_cos))
+                 if seed_cos is not None and len(seed_cos) >= 2 else None)
+    if per_floor is not None:
         per_seed = np.array([_off_diagonal_mean(c) for c in seed_cos])
-        d = mean_difference(per_seed, floor)
+        d = _over_seeds(per_seed - per_floor)
         evidence = ("cross-interval cosine mean per training seed " + ", ".join(f"{v:.3f}" for v in per_seed)
-                    + floor_txt)
+                    + floor_txt + "; per seed minus its pairs' floor " + ", ".join(f"{v:+.3f}" for v in per_seed - per_floor))
     else:
         off = tv["cos"][np.triu_indices(len(tv["cos"]), 1)]
         d = mean_difference(off, floor)
         evidence = f"cross-interval cosine mean {off.mean():.3f} (largest magnitude {np.abs(off).max():.3f}){floor_txt}"
-    rows.append(dict(claim="Task vectors of different intervals are nearly orthogonal (Fig. 7): less aligned "
-                           "than two seeds of one interval",
-                     evidence=evidence + (f"; difference {_interval(d)}" if d else ""), verdict=verdict(d),
-                     seeds=len(seed_cos) if by_seed else (2 if floor.size else 1)))
+    rows.append(dict(claim=claim, evidence=evidence + (f"; mean difference {_interval(d)}" if d else ""),
+                     verdict=verdict(d), seeds=len(seed_cos) if per_floor is not None else (2 if floor.size else 1)))
 
     bounds = tv.get("intervals")
     if bounds is None:
@@ -97,13 +120,12 @@ def _geometry_claims(tv: dict, T: int) -> list[dict]:
     claim = "Task vectors are larger at high noise, t in [T/2, T) (Fig. 6b)"
     if seed_norms is not None and len(seed_norms) >= 2 and high.any() and low.any():
         diffs = np.array([n[high].mean() - n[low].mean() for n in seed_norms])
-        m = seed_interval(diffs)
-        d = Estimate(m[0], m[1], m[2], len(diffs), 0, 0.0, float(diffs.std(ddof=1) / np.sqrt(len(diffs))))
+        d = _over_seeds(diffs)
         rows.append(dict(claim=claim, evidence="‖τ_i‖ (I1 … I{}, low to high noise), mean over seeds ".format(len(bounds))
                          + ", ".join(f"{n:.3f}" for n in seed_norms.mean(0))
                          + "; high − low per seed " + ", ".join(f"{v:+.3f}" for v in diffs)
-                         + f"; mean {_interval(d)} (t over seeds)", verdict=verdict(d, paper_sign=1),
-                         seeds=len(seed_norms)))
+                         + (f"; mean {_interval(d)} (t over seeds)" if d else "; no spread over seeds: no interval"),
+                         verdict=verdict(d, paper_sign=1), seeds=len(seed_norms)))
     elif tv.get("norms") is not None and len(tv["norms"]) >= 2:
         norms = tv["norms"]
         d = mean_difference(norms[high], norms[low])
@@ -207,7 +229,7 @@ def claims_markdown(cfg, paths, runs: dict[str, dict] | None = None, pretrained_
               "difference lies on the paper's side of zero, *does not hold* when it lies on the other side, and is "
               "*not resolved at this budget* otherwise or when there is no interval (one training seed). FID "
               "differences are paired over the evaluation samples (bootstrap) and carry the training-seed spread; "
-              "the task-vector claims use one value per training seed (orthogonality against its seed floor, "
-              "Welch; magnitudes, a t-interval over seeds), the gradient claim Welch intervals over the measured "
+              "the task-vector claims a t-interval over one value per training seed (its cross-interval cosine minus "
+              "the seed floor of its pairs; its high-minus-low norm gap), the gradient claim Welch intervals over the measured "
               "pairs of timesteps (treated as independent draws)."]
     return "\n".join(lines)

@@ -144,9 +144,10 @@ def _merge_section(cfg, chart: Path | None) -> list[str]:
         f"Search `{merge['search']}` per training seed ({sum(merge['candidates'])} candidates in all), each "
         f"scored by FID on {merge['proxy_samples']} proxy samples whose seeds are disjoint from the "
         "evaluation's, against reference images disjoint from the evaluation's reference "
-        "(stats/<profile>/fid_search_*). Every single-model method gets the same search on its one task "
-        "vector (θ + w·τ; the `scale` field of its metrics), so a scale found by search is not credited to "
-        "decoupling.",
+        "(stats/<profile>/fid_search_*). "
+        + ("Every single-model method gets the same search on its one task vector (θ + w·τ; the `scale` field of "
+           "its metrics), so a scale found by search is not credited to decoupling." if cfg.merge.scale_search else
+           "The single-model methods get no search on their task vector (`merge.scale_search: false`)."),
         "",
         *[f"- seed {k}: weights (I1 … I{len(ws)}, low to high noise) ({', '.join(f'{x:.3f}' for x in ws)}), "
           f"proxy FID {f:.4f}" for k, (ws, f) in enumerate(zip(merge["weights"], merge["proxy_fid"]))],
@@ -328,9 +329,10 @@ def _t2i_merge_section(cfg, out: Path) -> list[str]:
              f"Search `{merge['search']}` per training seed, each candidate scored by FID on "
              f"{merge['proxy_samples']} COCO proxy prompts disjoint from the evaluated ones, against those prompts' "
              "own images, which the evaluation's COCO reference leaves out (stats/<profile>/fid_coco_search_*): "
-             f"selected weights {w}; the pretrained model (all w = 0): {merge['proxy_fid_pretrained']:.4f}. Every "
-             "single-model method gets the same search on its one task vector (θ + w·τ; the `scale` field of its "
-             "metrics).", ""]
+             f"selected weights {w}; the pretrained model (all w = 0): {merge['proxy_fid_pretrained']:.4f}. "
+             + ("Every single-model method gets the same search on its one task vector (θ + w·τ; the `scale` field "
+                "of its metrics)." if cfg.merge.scale_search else
+                "The single-model methods get no search on their task vector (`merge.scale_search: false`)."), ""]
     if figures.merge_search(Path("plots") / cfg.profile / "merge_search.csv", out / "merge_search.png"):
         lines += ["![merge search](merge_search.png)", ""]
     return lines
