@@ -56,8 +56,12 @@ def test_dvc_yaml_runs_and_evaluates_every_method():
         for stage, prof in ((f"finetune_{m}", "${profile}"), (f"t2i_finetune_{m}", "${t2i.profile}")):
             assert f"metrics/{prof}/merge.json" in stages[stage]["deps"], stage
             assert f"--method {m}" in stages[stage]["cmd"], stage
-    for stage in ("evaluate", "t2i_evaluate"):
+    for stage, pre in (("evaluate", ""), ("t2i_evaluate", "t2i.")):
         assert _foreach(stage) == ["pretrained", "ensemble", "merged", *SINGLE_MODEL_METHODS]
+        # only a single-model row runs the scale search, so only it depends on the merge settings
+        items = stages[stage]["foreach"]
+        assert {k for k, v in items.items() if v["search"] == f"{pre}merge"} == set(SINGLE_MODEL_METHODS)
+        assert "${item.search}" in stages[stage]["do"]["params"]
 
 
 def test_dvc_plots_overlay_lists_every_single_model_method():
