@@ -51,3 +51,23 @@ def test_missing_methods_are_blank_not_invented(tmp_path):
     assert cells[1] == ""  # no measured value
     assert cells[-4] == "5.63"  # the paper's CIFAR10 number, in the paper's column
     assert len(TABLE1_ROWS) == 13
+
+
+def test_tables_show_the_weights_each_rows_search_picked(tmp_path):
+    """A single-model row whose search picked w = 0 is the pretrained model: the table says so."""
+    from deme.report.tables import table2
+
+    root = _metrics(tmp_path)
+    _write(root, "tiny/evaluate/plain.json", {"fid": 10.0, "fid_lo": 9.5, "fid_hi": 10.5, "training_seeds": 3,
+                                              "scale": [0.0, 1.25, 0.5]})
+    _write(root, "tiny/merge.json", {"weights": [[0.25, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]]})
+    md = table1(root, {"tiny": 4})
+    assert "tiny searched w per seed" in md
+    cells = {c[0]: c for c in ([x.strip() for x in line.split("|")[1:-1]] for line in md.splitlines()[2:])}
+    assert "0.00, 1.25, 0.50" in cells["Plain finetuning (control)"]
+    assert "0.25/0/0/1; 1/1/1/1" in cells["DeMe (after merge: task-vector merge)"]
+    _write(root, "tiny_t2i/evaluate/pretrained.json", {"coco_fid": 5.0})
+    _write(root, "tiny_t2i/evaluate/plain.json", {"coco_fid": 5.0, "scale": [0.0]})
+    t2 = {c[0]: c for c in ([x.strip() for x in line.split("|")[1:-1]]
+                            for line in table2(root, {"tiny_t2i": 4}).splitlines()[2:])}
+    assert "0.00" in t2["Plain finetuning (control)"]

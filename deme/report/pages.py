@@ -111,7 +111,9 @@ def _table1_section(cfg) -> list[str]:
         f"`{ref.get('feature_net', '?')}` (sha256 {str(ref.get('feature_net_sha256', '?'))[:12]}…). "
         "Best per column in bold (the floor is excluded). Each FID is the mean over the row's training seeds "
         "(n) with its 95 % interval over training seeds and evaluation samples (deme/stats.py); KID ± its "
-        "standard deviation over random subsets, from the same features."
+        "standard deviation over random subsets, from the same features. *Searched w*: the weights the row's "
+        "search picked per training seed, θ + w·τ for a single-model method (w = 0 is the pretrained model "
+        "itself) and θ + Σ wᵢτᵢ for DeMe merged (I1/…/IN)."
         + (f" The paper samples with eta 0; this run uses eta {sample.get('eta')}." if sample.get("eta") else ""),
         "",
         table1(METRICS, n_by_profile),
@@ -285,7 +287,9 @@ def _table2_section(cfg) -> list[str]:
         table2(METRICS, n),
         "",
         "Each value of ours: the mean over the row's training seeds (n) with its 95 % interval over training "
-        "seeds and prompts (deme/stats.py).",
+        "seeds and prompts (deme/stats.py). *Searched w*: the weights the row's search picked per training "
+        "seed, θ + w·τ for a single-model method (w = 0 is the pretrained model itself, so the row repeats its "
+        "numbers) and θ + Σ wᵢτᵢ for DeMe merged (I1/…/IN).",
         "",
         "### The paper's orderings on this profile (COCO FID)",
         "",

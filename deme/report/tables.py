@@ -59,6 +59,18 @@ def iterations_of(metrics_root: Path, profile: str, n: int) -> dict[str, str]:
     return out
 
 
+def searched_weights(metrics_root: Path, profile: str) -> dict[str, str]:
+    """Per row, the weights its search picked for each training seed: θ + w·τ for a single-model method
+    (``scale``; 0 is the pretrained model itself), θ + Σ w_i τ_i for the merged model (merge.json)."""
+    out = {}
+    for key in SINGLE_MODEL:
+        scale = (_read(metrics_root / profile / "evaluate" / f"{key}.json") or {}).get("scale")
+        out[key] = ", ".join(f"{w:.2f}" for w in scale) if scale else ""
+    weights = (_read(metrics_root / profile / "merge.json") or {}).get("weights") or []
+    out["merged"] = "; ".join("/".join(f"{w:g}" for w in ws) for ws in weights)
+    return out
+
+
 def seed_spread(metrics_root: Path, profile: str, key: str) -> tuple[float, int]:
     m = _read(metrics_root / profile / "evaluate" / f"{key}.json") or {}
     return m.get("fid_std", 0.0), m.get("training_seeds", 1)
@@ -100,6 +112,8 @@ def table1(metrics_root: Path, n_intervals: dict[str, int]) -> str:
                                            else f"{v - pre:+.3f}") for k, v in col.items()]
         its = iterations_of(metrics_root, prof, n_intervals.get(prof, 0))
         out[f"{prof} iterations"] = [its.get(k, "") for k in fid.index]
+        w = searched_weights(metrics_root, prof)
+        out[f"{prof} searched w per seed"] = [w.get(k, "") for k in fid.index]
     for j, name in enumerate(paper["columns"]):
         vals = pd.Series({k: (paper["rows"][pk]["values"][j] if pk else np.nan) for k, _, pk in TABLE1_ROWS})
         out[f"{name} FID (paper)"] = _bold_best(vals, vals.map(lambda v: _fmt(v, 2)))
@@ -167,6 +181,8 @@ def table2(metrics_root: Path, n_intervals: dict[str, int]) -> str:
             out[f"{prof} {label} (ours)"] = _mark_best(col, text, higher)
         its = iterations_of(metrics_root, prof, n_intervals.get(prof, 0))
         out[f"{prof} iterations"] = [its.get(k, "") for k in out.index]
+        w = searched_weights(metrics_root, prof)
+        out[f"{prof} searched w per seed"] = [w.get(k, "") for k in out.index]
     paper = paper_table("table2")
     for j, name in enumerate(paper["columns"]):
         vals = pd.Series({k: (paper["rows"][pk]["values"][j] if pk else np.nan) for k, _, pk in TABLE2_ROWS})
