@@ -578,7 +578,8 @@ CHANGES = {
               "--inputs", "fid_ref=data/micro/ref.npy", "analyze@plane=models/micro/deme"],
     "t2i": ["--settings", "t2i_fid_ref=t2i.fid.reference_samples=24",
             "--inputs", "t2i_fid_ref=data/micro_t2i/bench/coco.npy",
-            "t2i_evaluate@merged=models/micro_t2i/pretrained/vae"],
+            "t2i_evaluate@merged=models/micro_t2i/pretrained/vae",
+            "t2i_merge=models/micro_t2i/deme"],  # it reads the prompts of data/, not train.npy
     "sweep": [],
 }
 
